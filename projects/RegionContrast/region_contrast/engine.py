@@ -1,0 +1,107 @@
+"""The trainer and config setup behind ``train_net.py``, importable so tests run the same code."""
+import logging
+import os
+
+import torch
+
+import detectron2.data.transforms as T
+from detectron2.config import get_cfg
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import (
+    CityscapesSemSegEvaluator,
+    DatasetEvaluators,
+    SemSegEvaluator,
+)
+from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
+
+from .config import add_region_contrast_config
+from .solver import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def build_sem_seg_train_aug(cfg):
+    """Resize, category-area-constrained crop and flip, as Detectron2's DeepLab recipes do."""
+    augs = [
+        T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+    ]
+    if cfg.INPUT.CROP.ENABLED:
+        augs.append(
+            T.RandomCrop_CategoryAreaConstraint(
+                cfg.INPUT.CROP.TYPE,
+                cfg.INPUT.CROP.SIZE,
+                cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
+                cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+            )
+        )
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    return augs
+
+
+class Trainer(DefaultTrainer):
+    """``DefaultTrainer`` with the semantic-segmentation loader, evaluators and solver."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+        if evaluator_type == "sem_seg":
+            return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+        if evaluator_type == "cityscapes_sem_seg":
+            # The official Cityscapes script and Detectron2's confusion-matrix metrics side by side.
+            return DatasetEvaluators(
+                [
+                    CityscapesSemSegEvaluator(dataset_name),
+                    SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
+                ]
+            )
+        raise NotImplementedError(
+            f"No evaluator for data set {dataset_name!r} with evaluator_type {evaluator_type!r}; "
+            "expected 'sem_seg' or 'cityscapes_sem_seg'."
+        )
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
+        return build_detection_train_loader(cfg, mapper=mapper)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+
+def get_region_contrast_cfg():
+    """A default config with Detectron2's, the DeepLab project's and this project's keys."""
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_region_contrast_config(cfg)
+    return cfg
+
+
+def setup(args):
+    """Config from ``--config-file`` and overrides, on the CPU when no GPU is present."""
+    cfg = get_region_contrast_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        # Recipes name CUDA; a machine without a GPU still runs them unchanged.
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    default_setup(cfg, args)
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("No CUDA device available: running on the CPU.")
+    return cfg

@@ -1,0 +1,186 @@
+"""
+Region contrastive loss against a class-labelled memory (METHOD.md section 4).
+
+For an anchor ``a`` of class ``c`` and temperature ``t``, positives ``P`` are the memory rows of
+class ``c`` and negatives ``N`` the rows of other classes::
+
+    loss(a) = -1/|P| sum_{p in P} log( exp(a.p/t) / (exp(a.p/t) + sum_{n in N} exp(a.n/t)) )
+            =  1/|P| sum_{p in P} ( logaddexp(l_p, L_neg) - l_p ),   L_neg = logsumexp_{n in N} l_n
+
+and the result is the mean over anchors with ``|P| >= 1`` and ``|N| >= 1``.
+
+The anchors x memory logits are computed in chunks of anchors, in the forward and again in the
+backward (a hand-written gradient), so that memory use is bounded by the chunk size and autograd
+never holds the full logits matrix.
+
+Pure tensor code: no config, no Detectron2, no I/O.
+"""
+from typing import Dict, Tuple, Union
+
+import torch
+
+__all__ = ["region_contrast_loss"]
+
+_DEFAULT_MAX_ELEMENTS = 2**24
+
+
+def _chunk_rows(num_anchors: int, num_memory: int, max_elements: int) -> int:
+    return max(1, min(num_anchors, max_elements // max(num_memory, 1)))
+
+
+def _chunk_terms(
+    anchors: torch.Tensor,
+    anchor_classes: torch.Tensor,
+    memory: torch.Tensor,
+    memory_classes: torch.Tensor,
+    temperature: float,
+):
+    """Per-chunk quantities shared by forward and backward."""
+    logits = anchors @ memory.t()
+    logits.div_(temperature)
+    positive = anchor_classes.unsqueeze(1) == memory_classes.unsqueeze(0)
+    num_pos = positive.sum(dim=1)
+    num_neg = memory_classes.numel() - num_pos
+    valid = (num_pos > 0) & (num_neg > 0)
+    # -inf for anchors without negatives; those are invalid and masked out by the callers.
+    log_neg = torch.logsumexp(logits.masked_fill(positive, float("-inf")), dim=1)
+    return logits, positive, num_pos, valid, log_neg
+
+
+class _RegionContrastLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchors, anchor_classes, memory, memory_classes, temperature, max_elements):
+        num_memory = memory.shape[0]
+        rows = _chunk_rows(anchors.shape[0], num_memory, max_elements)
+        total = anchors.new_zeros(())
+        num_valid = torch.zeros((), dtype=torch.long, device=anchors.device)
+        # Sums and counts of positive / negative cosines, for logging.
+        stats = anchors.new_zeros(4)
+        for start in range(0, anchors.shape[0], rows):
+            a = anchors[start : start + rows]
+            logits, positive, num_pos, valid, log_neg = _chunk_terms(
+                a, anchor_classes[start : start + rows], memory, memory_classes, temperature
+            )
+            # logaddexp(l, -inf) - l == 0, so anchors without negatives add exact zeros.
+            terms = torch.logaddexp(logits, log_neg.unsqueeze(1)).sub_(logits)
+            terms.masked_fill_(~positive, 0.0)
+            per_anchor = terms.sum(dim=1) / num_pos.clamp(min=1)
+            total += torch.where(valid, per_anchor, torch.zeros_like(per_anchor)).sum()
+            num_valid += valid.sum()
+            pos_sum = torch.where(positive, logits, torch.zeros_like(logits)).sum()
+            num_pos_total = num_pos.sum()
+            stats += torch.stack(
+                [
+                    pos_sum * temperature,
+                    num_pos_total.to(stats.dtype),
+                    (logits.sum() - pos_sum) * temperature,
+                    (positive.numel() - num_pos_total).to(stats.dtype),
+                ]
+            )
+        loss = total / num_valid.clamp(min=1).to(total.dtype)
+        ctx.save_for_backward(anchors, anchor_classes, memory, memory_classes, num_valid)
+        ctx.temperature = temperature
+        ctx.rows = rows
+        ctx.mark_non_differentiable(num_valid, stats)
+        return loss, num_valid, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_num_valid, _grad_stats):
+        anchors, anchor_classes, memory, memory_classes, num_valid = ctx.saved_tensors
+        grad_anchors = None
+        if not ctx.needs_input_grad[0]:
+            return grad_anchors, None, None, None, None, None
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
+            t = ctx.temperature
+            scale = grad_loss / num_valid.clamp(min=1).to(grad_loss.dtype)
+            grad_anchors = torch.zeros_like(anchors)
+            for start in range(0, anchors.shape[0], ctx.rows):
+                logits, positive, num_pos, valid, log_neg = _chunk_terms(
+                    anchors[start : start + ctx.rows],
+                    anchor_classes[start : start + ctx.rows],
+                    memory,
+                    memory_classes,
+                    t,
+                )
+                # Invalid rows get weight 0 below; a finite stand-in for their L_neg (the row max,
+                # so exp never overflows) keeps them from turning into 0 * inf = NaN.
+                log_neg = torch.where(valid, log_neg, logits.amax(dim=1)).unsqueeze(1)
+                # d term_p / d l_p = sigmoid(l_p - L_neg) - 1 = -sigmoid(L_neg - l_p) (no
+                # cancellation), d term_p / d L_neg = sigmoid(L_neg - l_p), and
+                # d L_neg / d l_n = softmax of the negatives' logits.
+                pos_weight = torch.sigmoid(log_neg - logits).neg_().masked_fill_(~positive, 0.0)
+                pos_weight /= num_pos.clamp(min=1).unsqueeze(1).to(pos_weight.dtype)
+                neg_share = -pos_weight.sum(dim=1, keepdim=True)
+                neg_weight = (logits - log_neg).exp_().masked_fill_(positive, 0.0).mul_(neg_share)
+                weight = pos_weight.add_(neg_weight)
+                weight *= (valid.to(weight.dtype) * scale / t).unsqueeze(1)
+                grad_anchors[start : start + ctx.rows] = weight @ memory
+        return grad_anchors, None, None, None, None, None
+
+
+def region_contrast_loss(
+    anchors: torch.Tensor,
+    anchor_classes: torch.Tensor,
+    memory: torch.Tensor,
+    memory_classes: torch.Tensor,
+    temperature: float,
+    *,
+    return_stats: bool = False,
+    max_elements: int = _DEFAULT_MAX_ELEMENTS,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
+    """
+    Args:
+        anchors: (A, D), L2-normalised (not normalised here); any floating dtype, differentiable.
+        anchor_classes: (A,) integer.
+        memory: (M, D), L2-normalised; treated as constants (no gradient).
+        memory_classes: (M,) integer.
+        temperature: t > 0.
+        return_stats: also return a dict of detached logging values: ``pos_cos`` and ``neg_cos``
+            (mean cosine over all anchor-positive / anchor-negative pairs, NaN when there are
+            none) and ``num_valid`` (anchors with at least one positive and one negative).
+        max_elements: logits computed at most this many at a time (chunks of anchors).
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs): the mean loss over valid anchors, or a
+        zero that is still connected to ``anchors`` when none is valid.
+    """
+    if anchors.dim() != 2 or memory.dim() != 2 or anchors.shape[1] != memory.shape[1]:
+        raise ValueError(
+            f"anchors (A, D) and memory (M, D) must share D, got {tuple(anchors.shape)} and "
+            f"{tuple(memory.shape)}"
+        )
+    if anchor_classes.shape != (anchors.shape[0],) or memory_classes.shape != (memory.shape[0],):
+        raise ValueError(
+            f"anchor_classes {tuple(anchor_classes.shape)} and memory_classes "
+            f"{tuple(memory_classes.shape)} must be (A,) = ({anchors.shape[0]},) and "
+            f"(M,) = ({memory.shape[0]},)"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be positive, got {max_elements}")
+    # float32 whatever the autocast dtype: half-precision exp/logsumexp at t=0.1 is too coarse.
+    dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        a = anchors.to(dtype)
+        m = memory.detach().to(device=anchors.device, dtype=dtype)
+        anchor_classes = anchor_classes.to(device=anchors.device, dtype=torch.long)
+        memory_classes = memory_classes.to(device=anchors.device, dtype=torch.long)
+        if a.shape[0] == 0 or m.shape[0] == 0:
+            loss = a.sum() * 0.0
+            nan = torch.full((), float("nan"), dtype=dtype, device=a.device)
+            num_valid = torch.zeros((), dtype=torch.long, device=a.device)
+            stats = {"pos_cos": nan, "neg_cos": nan.clone(), "num_valid": num_valid}
+        else:
+            loss, num_valid, sums = _RegionContrastLoss.apply(
+                a, anchor_classes, m, memory_classes, float(temperature), int(max_elements)
+            )
+            stats = {
+                "pos_cos": sums[0] / sums[1],  # 0/0 = NaN: no pairs of that kind
+                "neg_cos": sums[2] / sums[3],
+                "num_valid": num_valid,
+            }
+    if return_stats:
+        return loss, stats
+    return loss

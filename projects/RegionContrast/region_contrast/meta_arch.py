@@ -1,0 +1,266 @@
+"""
+``RegionContrastSegmentor``: Detectron2's ``SemanticSegmentor`` plus region contrast in training.
+
+This is the only module that knows training from evaluation. Evaluation, and training with
+``MODEL.REGION_CONTRAST.ENABLED: False``, run the parent's ``forward`` unchanged.
+"""
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
+from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
+
+from .loss import region_contrast_loss
+from .memory_bank import RegionMemoryBank
+from .projection import build_projection_head
+from .regions import (
+    dynamic_subset_centers,
+    region_centers,
+    region_pixel_index,
+    sample_region_pixels,
+)
+
+__all__ = ["RegionContrastSegmentor"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _check_region_contrast_cfg(rc):
+    """Rejects invalid ``MODEL.REGION_CONTRAST`` values, naming the key and the fix."""
+    checks = [
+        ("TEMPERATURE", rc.TEMPERATURE > 0, "a number > 0 (the paper uses 0.1)"),
+        ("LOSS_WEIGHT", rc.LOSS_WEIGHT >= 0, "a number >= 0"),
+        ("MEMORY_SIZE", rc.MEMORY_SIZE >= 1, "an integer >= 1 (slots per class)"),
+        ("PROJ_DIM", rc.PROJ_DIM >= 0, "an integer >= 0 (0 disables the projection head)"),
+        ("MEMORY_DTYPE", rc.MEMORY_DTYPE in _DTYPES, f"one of {sorted(_DTYPES)}"),
+        ("REGION_SOURCE", rc.REGION_SOURCE in ("gt", "pred"), "'gt' or 'pred'"),
+        ("ANCHORS", rc.ANCHORS in ("region", "pixel"), "'region' or 'pixel'"),
+        ("SAMPLES_PER_CLASS", rc.SAMPLES_PER_CLASS >= 0, "an integer >= 0 (0 uses all slots)"),
+        ("PIXELS_PER_REGION", rc.PIXELS_PER_REGION >= 1, "an integer >= 1"),
+        ("DYNAMIC_SAMPLES", rc.DYNAMIC_SAMPLES >= 0, "an integer >= 0 (0 turns it off)"),
+        ("DYNAMIC_FRACTION", 0 < rc.DYNAMIC_FRACTION <= 1, "a fraction in (0, 1]"),
+        ("WARMUP_ITERS", rc.WARMUP_ITERS >= 0, "an integer >= 0"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ValueError(
+                f"MODEL.REGION_CONTRAST.{key} = {rc.get(key)!r} is invalid: expected {expected}. "
+                "Fix it in the recipe or on the command line."
+            )
+
+
+@META_ARCH_REGISTRY.register()
+class RegionContrastSegmentor(SemanticSegmentor):
+    """
+    Semantic segmentation with region-aware contrastive learning (Hu et al., ICCV 2021).
+
+    In training, the head's penultimate feature map is pooled into one centre per (image, class),
+    projected and L2-normalised; anchors (those centres, or sampled pixels) are contrasted with a
+    per-class memory bank of centres from earlier iterations, and the batch's centres are then
+    pushed into the bank.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        sem_seg_head,
+        pixel_mean,
+        pixel_std,
+        num_classes: int,
+        projector: Optional[nn.Module] = None,
+        memory_bank: Optional[RegionMemoryBank] = None,
+        temperature: float = 0.1,
+        loss_weight: float = 0.1,
+        region_source: str = "gt",
+        samples_per_class: int = 0,
+        anchors: str = "region",
+        pixels_per_region: int = 16,
+        dynamic_samples: int = 0,
+        dynamic_fraction: float = 0.5,
+        warmup_iters: int = 0,
+    ):
+        """
+        Args:
+            backbone, sem_seg_head, pixel_mean, pixel_std: as in ``SemanticSegmentor``; the head
+                must have ``forward_features`` when the bank is given.
+            num_classes: number of classes of the data set.
+            projector: maps region centres / pixel embeddings to the contrast space; None
+                contrasts the head's features directly.
+            memory_bank: the per-class bank; None disables region contrast entirely.
+            temperature, loss_weight: t and the weight of the contrastive loss.
+            region_source: "gt" or "pred", the labels that define regions.
+            samples_per_class: filled slots drawn per class for each step's loss (0 = all).
+            anchors: "region" (region centres) or "pixel" (sampled pixel embeddings).
+            pixels_per_region: pixel anchors per region, half of them hard when possible.
+            dynamic_samples, dynamic_fraction: extra bank entries per region, each the mean of a
+                random ``dynamic_fraction`` of its pixels.
+            warmup_iters: iterations before the contrastive loss is added (the bank still fills).
+        """
+        super().__init__(
+            backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+        # None leaves no trace in the state dict, so a disabled model is the baseline exactly.
+        self.projector = projector
+        self.memory_bank = memory_bank
+        self.num_classes = num_classes
+        self.temperature = temperature
+        self.loss_weight = loss_weight
+        self.region_source = region_source
+        self.samples_per_class = samples_per_class
+        self.anchors = anchors
+        self.pixels_per_region = pixels_per_region
+        self.dynamic_samples = dynamic_samples
+        self.dynamic_fraction = dynamic_fraction
+        self.warmup_iters = warmup_iters
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        rc = cfg.MODEL.REGION_CONTRAST
+        _check_region_contrast_cfg(rc)
+        ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        if not rc.ENABLED:
+            return ret
+        head = ret["sem_seg_head"]
+        if not hasattr(head, "forward_features"):
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.NAME = {cfg.MODEL.SEM_SEG_HEAD.NAME!r} cannot expose its "
+                "penultimate features (no forward_features). With MODEL.REGION_CONTRAST.ENABLED "
+                "use RegionContrastDeepLabV3PlusHead or RegionContrastDeepLabV3Head."
+            )
+        in_dim = head.predictor.in_channels
+        dim = rc.PROJ_DIM or in_dim
+        bank = RegionMemoryBank(
+            ret["num_classes"], rc.MEMORY_SIZE, dim, dtype=_DTYPES[rc.MEMORY_DTYPE]
+        )
+        logger.info(
+            f"RegionContrast memory bank: {ret['num_classes']} classes x {rc.MEMORY_SIZE} slots x "
+            f"{dim} dims in {rc.MEMORY_DTYPE} = {bank.nbytes / 2**20:.1f} MiB"
+        )
+        ret.update(
+            projector=build_projection_head(in_dim, rc.PROJ_DIM),
+            memory_bank=bank,
+            temperature=rc.TEMPERATURE,
+            loss_weight=rc.LOSS_WEIGHT,
+            region_source=rc.REGION_SOURCE,
+            samples_per_class=rc.SAMPLES_PER_CLASS,
+            anchors=rc.ANCHORS,
+            pixels_per_region=rc.PIXELS_PER_REGION,
+            dynamic_samples=rc.DYNAMIC_SAMPLES,
+            dynamic_fraction=rc.DYNAMIC_FRACTION,
+            warmup_iters=rc.WARMUP_ITERS,
+        )
+        return ret
+
+    @property
+    def contrast_enabled(self):
+        return self.memory_bank is not None
+
+    def forward(self, batched_inputs):
+        if not (self.training and self.contrast_enabled):
+            return super().forward(batched_inputs)
+
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        # Padding is labelled ignore, never a class (the authors' release padded with 0).
+        targets = ImageList.from_tensors(
+            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            self.backbone.size_divisibility,
+            self.sem_seg_head.ignore_value,
+        ).tensor
+
+        features = self.backbone(images.tensor)
+        logits, embedding = self.sem_seg_head.forward_features(features)
+        losses = self.sem_seg_head.losses(logits, targets)
+        contrast_loss, bank_rows, bank_classes = self._contrast(embedding, logits, targets)
+        losses["loss_contrast"] = contrast_loss
+
+        # Push after the loss, and nothing from a step whose loss is not finite: Detectron2
+        # raises FloatingPointError right after, and the bank must stay clean. Every rank still
+        # joins the bank's all-gather (with no rows) so that none of them hangs.
+        if not torch.isfinite(sum(losses.values())):
+            bank_rows, bank_classes = bank_rows[:0], bank_classes[:0]
+        self.memory_bank.push(bank_rows, bank_classes)
+        return losses
+
+    def _project(self, x):
+        if self.projector is not None:
+            x = self.projector(x)
+        return F.normalize(x, dim=1)
+
+    def _contrast(self, embedding, logits, targets):
+        """Returns (weighted contrastive loss, rows to push, their classes)."""
+        ignore = self.sem_seg_head.ignore_value
+        # The contrast runs in float32 whatever autocast does around it: dot products over
+        # hundreds of dims divided by t = 0.1 overflow fp16.
+        with torch.autocast(device_type=embedding.device.type, enabled=False):
+            embedding = embedding.float()
+            labels = F.interpolate(
+                targets[:, None].float(), size=embedding.shape[-2:], mode="nearest"
+            )[:, 0].long()
+            pred = logits.detach().argmax(dim=1)
+            if self.region_source == "pred":
+                labels = torch.where(labels == ignore, labels, pred)
+
+            centers, classes, _ = region_centers(embedding, labels, self.num_classes, ignore)
+            region_embeddings = self._project(centers)
+            if self.anchors == "pixel":
+                anchors, anchor_classes = self._pixel_anchors(embedding, labels, pred)
+            else:
+                anchors, anchor_classes = region_embeddings, classes
+
+            memory, memory_classes = self.memory_bank.sample(self.samples_per_class)
+            loss, stats = region_contrast_loss(
+                anchors, anchor_classes, memory, memory_classes, self.temperature,
+                return_stats=True,
+            )
+
+            bank_rows, bank_classes = region_embeddings.detach(), classes
+            if self.dynamic_samples > 0:
+                with torch.no_grad():
+                    extra, extra_classes, _ = dynamic_subset_centers(
+                        embedding, labels, self.num_classes, self.dynamic_samples,
+                        self.dynamic_fraction, ignore,
+                    )
+                    bank_rows = torch.cat([bank_rows, self._project(extra)])
+                    bank_classes = torch.cat([bank_classes, extra_classes])
+
+        weight = self.loss_weight
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # called outside a trainer: no schedule, no logging
+            storage = None
+        if storage is not None:
+            if storage.iter < self.warmup_iters:
+                # Weight 0 rather than skipping: every parameter stays in the graph for DDP.
+                weight = 0.0
+            storage.put_scalars(
+                region_contrast_bank_fill=self.memory_bank.fill_fraction(),
+                region_contrast_pos_cos=float(stats["pos_cos"]),
+                region_contrast_neg_cos=float(stats["neg_cos"]),
+                smoothing_hint=False,
+            )
+        return loss * weight, bank_rows, bank_classes
+
+    def _pixel_anchors(self, embedding, labels, pred):
+        """Up to ``pixels_per_region`` pixel embeddings per region, half hard when possible."""
+        region_id, classes, _ = region_pixel_index(
+            labels, self.num_classes, self.sem_seg_head.ignore_value
+        )
+        hard = (pred != labels).flatten()
+        index, pixel_region = sample_region_pixels(
+            region_id, classes.numel(), self.pixels_per_region, hard_mask=hard
+        )
+        flat = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+        return self._project(flat[index]), classes[pixel_region]

@@ -1,0 +1,22 @@
+from torch import nn
+
+__all__ = ["build_projection_head"]
+
+
+def build_projection_head(in_dim: int, proj_dim: int):
+    """
+    Linear - LayerNorm - ReLU - Linear, applied to region centres (R, in_dim) or sampled pixel
+    embeddings, not to the full feature map. Returns None when ``proj_dim == 0`` (the features are
+    contrasted directly, as in the authors' code).
+
+    LayerNorm rather than BatchNorm: the number of rows changes every step and can be 1, and a
+    per-row norm needs no cross-GPU synchronisation.
+    """
+    if proj_dim == 0:
+        return None
+    return nn.Sequential(
+        nn.Linear(in_dim, in_dim),
+        nn.LayerNorm(in_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(in_dim, proj_dim),
+    )

@@ -1,0 +1,257 @@
+"""
+Region pooling: one vector per (image, class) present in that image.
+
+A *region* is the set of pixels of one class in one image (METHOD.md section 2). Everything here
+is vectorised over images, classes and pixels: regions are found by one ``bincount`` over the flat
+key ``image * num_classes + class`` and pooled by one ``index_add_``; keys come out sorted, which
+gives the image-then-class row order for free.
+
+Pure tensor code: no config, no Detectron2, no I/O.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "region_centers",
+    "region_pixel_index",
+    "sample_region_pixels",
+    "dynamic_subset_centers",
+]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision sums over thousands of pixels lose digits; float64 is kept so that
+    # references and gradcheck can run at full precision.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_labels(features: torch.Tensor, labels: torch.Tensor) -> None:
+    if features.dim() != 4:
+        raise ValueError(f"features must be (N, D, H, W), got shape {tuple(features.shape)}")
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be (N, H, W), got shape {tuple(labels.shape)}")
+    n, _, h, w = features.shape
+    if tuple(labels.shape) != (n, h, w):
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match features {tuple(features.shape)}: labels "
+            f"must be (N, H, W) at the feature resolution ({n}, {h}, {w}); nearest-downsample "
+            "the ground truth to the feature map before pooling"
+        )
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def region_pixel_index(
+    labels: torch.Tensor, num_classes: int, ignore_value: int = 255
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Assigns every pixel to its region.
+
+    Args:
+        labels: (N, H, W) integer class ids; ``ignore_value`` marks pixels that belong to no region.
+        num_classes: valid ids are ``[0, num_classes)``.
+
+    Returns:
+        region_id: (N*H*W,) long, index of the pixel's region in ``[0, R)``, -1 for ignored pixels;
+            pixels are flattened in (n, h, w) order.
+        classes: (R,) long, class of each region.
+        image_index: (R,) long, image of each region. Regions are ordered by image, then class,
+            the same rows as :func:`region_centers`.
+    """
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be (N, H, W), got shape {tuple(labels.shape)}")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    n = labels.shape[0]
+    flat = labels.reshape(-1).long()
+    valid = flat != ignore_value
+    # One host sync for validation; the caller syncs on R anyway.
+    bad = valid & ((flat < 0) | (flat >= num_classes))
+    if bool(bad.any()):
+        offending = torch.unique(flat[bad])[:8].tolist()
+        raise ValueError(
+            f"labels contain value(s) {offending} outside [0, {num_classes}) that are not the "
+            f"ignore value {ignore_value}; check NUM_CLASSES and the dataset's label mapping"
+        )
+    pixels_per_image = flat.numel() // max(n, 1)
+    image = torch.arange(n, device=flat.device).repeat_interleave(pixels_per_image)
+    # Ignored pixels share one extra key past the end, dropped from the counts.
+    dump = n * num_classes
+    key = torch.where(valid, image * num_classes + flat, torch.full_like(flat, dump))
+    counts = torch.bincount(key, minlength=dump + 1)[:dump]
+    present = torch.nonzero(counts, as_tuple=True)[0]  # sorted: image, then class
+    # Dense key -> compact region id; the dump key keeps -1.
+    lookup = torch.full((dump + 1,), -1, dtype=torch.long, device=flat.device)
+    lookup[present] = torch.arange(present.numel(), device=flat.device)
+    region_id = lookup[key]
+    return region_id, present % num_classes, torch.div(present, num_classes, rounding_mode="floor")
+
+
+def _flat_features(features: torch.Tensor) -> torch.Tensor:
+    d = features.shape[1]
+    return features.to(_accumulation_dtype(features.dtype)).movedim(1, -1).reshape(-1, d)
+
+
+def _pool(flat_features: torch.Tensor, key: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Mean of ``flat_features`` rows per group ``key`` in [0, num_groups); other keys dropped."""
+    # Keys outside [0, num_groups) go to one extra dump row, so no pixel gathering is needed.
+    key = torch.where((key >= 0) & (key < num_groups), key, torch.full_like(key, num_groups))
+    sums = flat_features.new_zeros(num_groups + 1, flat_features.shape[1])
+    sums = sums.index_add(0, key, flat_features)[:num_groups]
+    counts = torch.bincount(key, minlength=num_groups + 1)[:num_groups]
+    return sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+
+
+def region_centers(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, ignore_value: int = 255
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Mean feature of every region (all pixels of one class in one image).
+
+    Args:
+        features: (N, D, H, W), any floating dtype; differentiable.
+        labels: (N, H, W) integer, at the feature resolution (nearest-downsampled by the caller).
+        num_classes: valid ids are ``[0, num_classes)``; ``ignore_value`` pixels never count.
+
+    Returns:
+        centers: (R, D) float32 (float64 for float64 input), one row per (image, class) present.
+        classes: (R,) long.
+        image_index: (R,) long. Rows are ordered by image, then class.
+    """
+    _check_labels(features, labels)
+    region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
+    centers = _pool(_flat_features(features), region_id, classes.numel())
+    return centers, classes, image_index
+
+
+def _rank_in_sorted_groups(groups: torch.Tensor) -> torch.Tensor:
+    """Position of each element within its run, for a sorted 1-D ``groups``."""
+    if groups.numel() == 0:
+        return groups.clone()
+    first = torch.searchsorted(groups, groups, right=False)
+    return torch.arange(groups.numel(), device=groups.device) - first
+
+
+def _shuffle_then_group(
+    candidates: torch.Tensor, region_id: torch.Tensor, generator: Optional[torch.Generator]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random order within regions: returns (pixels sorted by region, their regions, ranks)."""
+    perm = torch.randperm(candidates.numel(), generator=generator, device=candidates.device)
+    shuffled = candidates[perm]
+    regions, order = torch.sort(region_id[shuffled], stable=True)
+    return shuffled[order], regions, _rank_in_sorted_groups(regions)
+
+
+def sample_region_pixels(
+    region_id: torch.Tensor,
+    num_regions: int,
+    per_region: int,
+    hard_mask: Optional[torch.Tensor] = None,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Draws up to ``per_region`` pixels from each region without replacement (METHOD.md section 5).
+
+    ``per_region // 2`` of them are hard pixels (``hard_mask`` True, e.g. mis-classified) where
+    the region has that many; the rest are drawn uniformly from the region's remaining pixels
+    (hard or not). Each region gets ``min(per_region, region size)`` pixels.
+
+    Args:
+        region_id: (P,) long from :func:`region_pixel_index`, -1 for ignored pixels.
+        num_regions: R, the number of regions.
+        per_region: maximum pixels per region (>= 1).
+        hard_mask: optional bool tensor with P elements (any shape).
+
+    Returns:
+        pixel_index: (K,) long indices into ``region_id`` (the flat pixels), grouped by region.
+        pixel_region: (K,) long region of each sampled pixel.
+    """
+    if per_region < 1:
+        raise ValueError(f"per_region must be >= 1, got {per_region}")
+    region_id = region_id.reshape(-1)
+    device = region_id.device
+    candidates = torch.nonzero(region_id >= 0, as_tuple=True)[0]
+    taken = torch.zeros(num_regions, dtype=torch.long, device=device)
+    chosen = []
+    if hard_mask is not None and per_region >= 2:
+        hard_mask = hard_mask.reshape(-1).to(device=device, dtype=torch.bool)
+        if hard_mask.numel() != region_id.numel():
+            raise ValueError(
+                f"hard_mask has {hard_mask.numel()} elements, region_id has {region_id.numel()}"
+            )
+        hard = candidates[hard_mask[candidates]]
+        pixels, regions, rank = _shuffle_then_group(hard, region_id, generator)
+        keep = rank < per_region // 2
+        chosen.append(pixels[keep])
+        taken += torch.bincount(regions[keep], minlength=num_regions)
+        # Hard pixels not picked by the quota compete with the easy ones for the rest.
+        is_chosen = torch.zeros(region_id.numel(), dtype=torch.bool, device=device)
+        is_chosen[pixels[keep]] = True
+        candidates = candidates[~is_chosen[candidates]]
+    pixels, regions, rank = _shuffle_then_group(candidates, region_id, generator)
+    chosen.append(pixels[rank < per_region - taken[regions]])
+    pixel_index = torch.cat(chosen)
+    # Group the result by region (pixel order inside a region is irrelevant but deterministic).
+    pixel_region, order = torch.sort(region_id[pixel_index], stable=True)
+    return pixel_index[order], pixel_region
+
+
+def dynamic_subset_centers(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    samples: int,
+    fraction: float,
+    ignore_value: int = 255,
+    *,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    "Dynamic sampling", this project's reading of the paper (METHOD.md section 6).
+
+    For each region, ``samples`` extra vectors, each the mean of a random subset of the region's
+    pixels: every pixel is kept independently with probability ``fraction``, and a subset that
+    would be empty gets one uniformly random pixel of the region instead. ``fraction=1`` gives
+    the region centre itself.
+
+    Args:
+        features, labels, num_classes, ignore_value: as in :func:`region_centers`.
+        samples: number of subsets per region (>= 0).
+        fraction: keep probability in (0, 1].
+
+    Returns:
+        centers: (R * samples, D) float32; the ``samples`` rows of a region are consecutive.
+        classes: (R * samples,) long.
+        image_index: (R * samples,) long. Regions keep the order of :func:`region_centers`.
+    """
+    _check_labels(features, labels)
+    if samples < 0:
+        raise ValueError(f"samples must be >= 0, got {samples}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
+    num_regions = classes.numel()
+    flat = _flat_features(features)
+    if samples == 0:
+        return flat.new_zeros(0, flat.shape[1]), classes[:0], image_index[:0]
+    valid = region_id >= 0
+    safe_region = region_id.clamp(min=0)
+    pooled = []
+    for _ in range(samples):  # `samples` is a small constant; pixels and regions stay vectorised
+        u = torch.rand(region_id.shape, generator=generator, device=region_id.device)
+        u = torch.where(valid, u, torch.full_like(u, 2.0))
+        region_min = torch.full((num_regions,), 2.0, device=u.device)
+        region_min = region_min.scatter_reduce(0, safe_region, u, reduce="amin")
+        # The region's smallest draw is < fraction whenever any is, so this adds it only to
+        # subsets that would otherwise be empty.
+        keep = valid & ((u < fraction) | (u == region_min[safe_region]))
+        key = torch.where(keep, region_id, torch.full_like(region_id, -1))
+        pooled.append(_pool(flat, key, num_regions))
+    centers = torch.stack(pooled, dim=1).reshape(num_regions * samples, flat.shape[1])
+    return (
+        centers,
+        classes.repeat_interleave(samples),
+        image_index.repeat_interleave(samples),
+    )
