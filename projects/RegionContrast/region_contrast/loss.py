@@ -11,13 +11,16 @@ and the result is the mean over anchors with ``|P| >= 1`` and ``|N| >= 1``.
 
 The anchors x memory logits are computed in chunks of anchors, in the forward and again in the
 backward (a hand-written gradient), so that memory use is bounded by the chunk size and autograd
-never holds the full logits matrix.
+never holds the full logits matrix. Positives are few (one class out of many), so their terms are
+evaluated only at the positive pairs; the dense work per chunk is one matmul, one masked
+log-sum-exp (forward) and one exp (backward).
 
 Pure tensor code: no config, no Detectron2, no I/O.
 """
 from typing import Dict, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["region_contrast_loss"]
 
@@ -28,59 +31,59 @@ def _chunk_rows(num_anchors: int, num_memory: int, max_elements: int) -> int:
     return max(1, min(num_anchors, max_elements // max(num_memory, 1)))
 
 
-def _chunk_terms(
-    anchors: torch.Tensor,
-    anchor_classes: torch.Tensor,
-    memory: torch.Tensor,
-    memory_classes: torch.Tensor,
-    temperature: float,
-):
-    """Per-chunk quantities shared by forward and backward."""
-    logits = anchors @ memory.t()
-    logits.div_(temperature)
+def _chunk_terms(scaled_anchors, anchor_classes, memory, memory_classes):
+    """
+    Quantities shared by forward and backward, for a chunk of anchors already divided by t.
+
+    Returns logits (a, M), positive mask (a, M), num_pos (a,), valid (a,), log_neg (a,) (-inf
+    without negatives), and the positive pairs as (row, col, logit) (K,) each.
+    """
+    logits = scaled_anchors @ memory.t()
     positive = anchor_classes.unsqueeze(1) == memory_classes.unsqueeze(0)
     num_pos = positive.sum(dim=1)
-    num_neg = memory_classes.numel() - num_pos
-    valid = (num_pos > 0) & (num_neg > 0)
-    # -inf for anchors without negatives; those are invalid and masked out by the callers.
+    valid = (num_pos > 0) & (num_pos < memory_classes.numel())
     log_neg = torch.logsumexp(logits.masked_fill(positive, float("-inf")), dim=1)
-    return logits, positive, num_pos, valid, log_neg
+    rows, cols = torch.nonzero(positive, as_tuple=True)
+    return logits, positive, num_pos, valid, log_neg, rows, cols, logits[rows, cols]
 
 
 class _RegionContrastLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, anchor_classes, memory, memory_classes, temperature, max_elements):
-        num_memory = memory.shape[0]
-        rows = _chunk_rows(anchors.shape[0], num_memory, max_elements)
+        chunk = _chunk_rows(anchors.shape[0], memory.shape[0], max_elements)
+        scaled = anchors / temperature
         total = anchors.new_zeros(())
         num_valid = torch.zeros((), dtype=torch.long, device=anchors.device)
         # Sums and counts of positive / negative cosines, for logging.
         stats = anchors.new_zeros(4)
-        for start in range(0, anchors.shape[0], rows):
-            a = anchors[start : start + rows]
-            logits, positive, num_pos, valid, log_neg = _chunk_terms(
-                a, anchor_classes[start : start + rows], memory, memory_classes, temperature
+        for start in range(0, anchors.shape[0], chunk):
+            logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = _chunk_terms(
+                scaled[start : start + chunk],
+                anchor_classes[start : start + chunk],
+                memory,
+                memory_classes,
             )
-            # logaddexp(l, -inf) - l == 0, so anchors without negatives add exact zeros.
-            terms = torch.logaddexp(logits, log_neg.unsqueeze(1)).sub_(logits)
-            terms.masked_fill_(~positive, 0.0)
-            per_anchor = terms.sum(dim=1) / num_pos.clamp(min=1)
-            total += torch.where(valid, per_anchor, torch.zeros_like(per_anchor)).sum()
+            # -log(e^l / (e^l + e^L)) = softplus(L - l); an anchor without negatives (L = -inf)
+            # adds exact zeros, and is excluded by `valid` anyway.
+            terms = F.softplus(log_neg[rows] - pos_logits)
+            per_anchor = torch.zeros_like(log_neg).index_add_(0, rows, terms)
+            per_anchor /= num_pos.clamp(min=1).to(per_anchor.dtype)
+            total += per_anchor.masked_fill_(~valid, 0.0).sum()
             num_valid += valid.sum()
-            pos_sum = torch.where(positive, logits, torch.zeros_like(logits)).sum()
-            num_pos_total = num_pos.sum()
+            pos_sum = pos_logits.sum()
+            num_pos_total = rows.numel()
             stats += torch.stack(
                 [
                     pos_sum * temperature,
-                    num_pos_total.to(stats.dtype),
+                    pos_sum.new_tensor(num_pos_total),
                     (logits.sum() - pos_sum) * temperature,
-                    (positive.numel() - num_pos_total).to(stats.dtype),
+                    pos_sum.new_tensor(positive.numel() - num_pos_total),
                 ]
             )
         loss = total / num_valid.clamp(min=1).to(total.dtype)
         ctx.save_for_backward(anchors, anchor_classes, memory, memory_classes, num_valid)
         ctx.temperature = temperature
-        ctx.rows = rows
+        ctx.chunk = chunk
         ctx.mark_non_differentiable(num_valid, stats)
         return loss, num_valid, stats
 
@@ -88,34 +91,33 @@ class _RegionContrastLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid, _grad_stats):
         anchors, anchor_classes, memory, memory_classes, num_valid = ctx.saved_tensors
-        grad_anchors = None
         if not ctx.needs_input_grad[0]:
-            return grad_anchors, None, None, None, None, None
+            return None, None, None, None, None, None
         with torch.autocast(device_type=anchors.device.type, enabled=False):
-            t = ctx.temperature
-            scale = grad_loss / num_valid.clamp(min=1).to(grad_loss.dtype)
-            grad_anchors = torch.zeros_like(anchors)
-            for start in range(0, anchors.shape[0], ctx.rows):
-                logits, positive, num_pos, valid, log_neg = _chunk_terms(
-                    anchors[start : start + ctx.rows],
-                    anchor_classes[start : start + ctx.rows],
+            t, chunk = ctx.temperature, ctx.chunk
+            scaled = anchors / t
+            scale = grad_loss / num_valid.clamp(min=1).to(grad_loss.dtype) / t
+            grad_anchors = torch.empty_like(anchors)
+            for start in range(0, anchors.shape[0], chunk):
+                logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = _chunk_terms(
+                    scaled[start : start + chunk],
+                    anchor_classes[start : start + chunk],
                     memory,
                     memory_classes,
-                    t,
                 )
-                # Invalid rows get weight 0 below; a finite stand-in for their L_neg (the row max,
-                # so exp never overflows) keeps them from turning into 0 * inf = NaN.
-                log_neg = torch.where(valid, log_neg, logits.amax(dim=1)).unsqueeze(1)
-                # d term_p / d l_p = sigmoid(l_p - L_neg) - 1 = -sigmoid(L_neg - l_p) (no
-                # cancellation), d term_p / d L_neg = sigmoid(L_neg - l_p), and
-                # d L_neg / d l_n = softmax of the negatives' logits.
-                pos_weight = torch.sigmoid(log_neg - logits).neg_().masked_fill_(~positive, 0.0)
-                pos_weight /= num_pos.clamp(min=1).unsqueeze(1).to(pos_weight.dtype)
-                neg_share = -pos_weight.sum(dim=1, keepdim=True)
-                neg_weight = (logits - log_neg).exp_().masked_fill_(positive, 0.0).mul_(neg_share)
-                weight = pos_weight.add_(neg_weight)
-                weight *= (valid.to(weight.dtype) * scale / t).unsqueeze(1)
-                grad_anchors[start : start + ctx.rows] = weight @ memory
+                # Invalid rows get weight 0 below; a finite stand-in for their L_neg (the row
+                # max, so exp never overflows) keeps them from turning into 0 * inf = NaN.
+                log_neg = torch.where(valid, log_neg, logits.amax(dim=1))
+                # With term_p = softplus(L - l_p):  d/dl_p = -sigmoid(L - l_p),
+                # d/dL = sigmoid(L - l_p), and dL/dl_n = softmax of the negatives' logits.
+                pos_weight = torch.sigmoid(log_neg[rows] - pos_logits)
+                pos_weight /= num_pos[rows].to(pos_weight.dtype)
+                neg_share = torch.zeros_like(log_neg).index_add_(0, rows, pos_weight)
+                weight = logits.sub_(log_neg.unsqueeze(1)).exp_().masked_fill_(positive, 0.0)
+                weight *= neg_share.unsqueeze(1)
+                weight[rows, cols] = -pos_weight
+                weight *= (valid.to(weight.dtype) * scale).unsqueeze(1)
+                grad_anchors[start : start + chunk] = weight @ memory
         return grad_anchors, None, None, None, None, None
 
 

@@ -1,0 +1,270 @@
+"""RegionContrastSegmentor against Detectron2's own SemanticSegmentor and DeepLab heads."""
+import copy
+import os
+
+import pytest
+import torch
+
+import region_contrast  # noqa: F401
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from region_contrast.engine import get_region_contrast_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 5
+SIZE = 64
+
+
+def make_cfg(enabled=True, **rc):
+    cfg = get_region_contrast_cfg()
+    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-DigitScenes.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 32
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    cfg.INPUT.CROP.SIZE = (SIZE, SIZE)
+    cfg.MODEL.REGION_CONTRAST.ENABLED = enabled
+    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 16
+    cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 6
+    for key, value in rc.items():
+        cfg.MODEL.REGION_CONTRAST[key] = value
+    return cfg
+
+
+def baseline_cfg():
+    """Detectron2's own SemanticSegmentor with the DeepLab project's DeepLabV3PlusHead."""
+    cfg = make_cfg(enabled=False)
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusHead"
+    return cfg
+
+
+def make_batch(seed=0, n=2, all_ignore=False):
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(n):
+        label = torch.randint(0, NUM_CLASSES, (SIZE // 8, SIZE // 8), generator=g)
+        label = label.repeat_interleave(8, 0).repeat_interleave(8, 1)
+        label[torch.rand(SIZE, SIZE, generator=g) < 0.05] = 255
+        if all_ignore:
+            label[:] = 255
+        image = torch.randint(0, 256, (3, SIZE, SIZE), generator=g).float()
+        batch.append({"image": image, "sem_seg": label, "height": SIZE, "width": SIZE})
+    return batch
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def train_step(model, batch, it=0):
+    model.train()
+    with EventStorage(it) as storage:
+        losses = model(batch)
+        sum(losses.values()).backward()
+    return losses, storage
+
+
+def test_disabled_is_the_detectron2_baseline():
+    rc_model = build(make_cfg(enabled=False))
+    d2_model = build(baseline_cfg())
+    rc_state, d2_state = rc_model.state_dict(), d2_model.state_dict()
+    assert list(rc_state) == list(d2_state)
+    assert all(rc_state[k].shape == d2_state[k].shape for k in d2_state)
+    assert sum(p.numel() for p in rc_model.parameters()) == sum(
+        p.numel() for p in d2_model.parameters()
+    )
+    for k in d2_state:  # same seed, same initialisation order
+        assert torch.equal(rc_state[k], d2_state[k]), k
+
+    batch = make_batch()
+    rc_losses, _ = train_step(rc_model, batch)
+    d2_losses, _ = train_step(d2_model, batch)
+    assert rc_losses.keys() == d2_losses.keys() == {"loss_sem_seg"}
+    torch.testing.assert_close(rc_losses["loss_sem_seg"], d2_losses["loss_sem_seg"])
+
+
+def test_enabled_adds_only_projector_and_bank_and_eval_matches_baseline():
+    d2_model = build(baseline_cfg(), seed=1)
+    rc_model = build(make_cfg(), seed=2)
+    extra = set(rc_model.state_dict()) - set(d2_model.state_dict())
+    assert set(d2_model.state_dict()) <= set(rc_model.state_dict())
+    assert extra and all(k.startswith(("projector.", "memory_bank.")) for k in extra)
+
+    # Fill the bank, then load the baseline's weights: evaluation must not see the difference.
+    train_step(rc_model, make_batch(3))
+    incompatible = rc_model.load_state_dict(d2_model.state_dict(), strict=False)
+    assert set(incompatible.missing_keys) == extra and not incompatible.unexpected_keys
+    bank_before = copy.deepcopy(rc_model.memory_bank.state_dict())
+
+    d2_model.eval()
+    rc_model.eval()
+    batch = make_batch(4)
+    with torch.no_grad():
+        expected = d2_model(batch)
+        got = rc_model(batch)
+    for e, g in zip(expected, got):
+        assert torch.equal(e["sem_seg"], g["sem_seg"])
+    for k, v in rc_model.memory_bank.state_dict().items():
+        assert torch.equal(v, bank_before[k]), f"evaluation touched the bank ({k})"
+
+
+def test_rc_checkpoint_deploys_into_the_baseline(tmp_path):
+    rc_model = build(make_cfg())
+    train_step(rc_model, make_batch())
+    DetectionCheckpointer(rc_model, save_dir=str(tmp_path)).save("model_rc")
+
+    d2_model = build(baseline_cfg(), seed=5)
+    checkpointer = DetectionCheckpointer(d2_model)
+    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "model_rc.pth")))
+    assert not incompatible.missing_keys
+    assert incompatible.unexpected_keys
+    assert all(k.startswith(("projector.", "memory_bank.")) for k in incompatible.unexpected_keys)
+    for k, v in d2_model.state_dict().items():
+        assert torch.equal(v, rc_model.state_dict()[k]), k
+
+
+def test_bank_round_trips_through_detection_checkpointer(tmp_path):
+    model = build(make_cfg())
+    for it in range(3):
+        train_step(model, make_batch(it), it)
+    assert int(model.memory_bank.count.sum()) > 0
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model_final")
+
+    resumed = build(make_cfg(), seed=9)
+    DetectionCheckpointer(resumed, save_dir=str(tmp_path)).resume_or_load("", resume=True)
+    for k, v in model.memory_bank.state_dict().items():
+        assert torch.equal(v, resumed.memory_bank.state_dict()[k]), k
+
+
+def test_training_step_logs_and_pushes_one_row_per_region():
+    model = build(make_cfg())
+    batch = make_batch()
+    losses, storage = train_step(model, batch)
+    assert set(losses) == {"loss_sem_seg", "loss_contrast"}
+    # First step: the bank is empty, so no anchor has positives; the loss is a zero with a graph.
+    assert float(losses["loss_contrast"]) == 0.0 and losses["loss_contrast"].requires_grad
+    # One row per (image, class) present at the feature resolution, ignore excluded.
+    labels = torch.stack([x["sem_seg"] for x in batch])[:, ::4, ::4]
+    expected = sum(len(set(l[l != 255].tolist())) for l in labels)
+    assert int(model.memory_bank.count.sum()) == expected
+
+    losses, storage = train_step(model, make_batch(1), it=1)
+    assert float(losses["loss_contrast"]) > 0
+    for key in ("region_contrast_bank_fill", "region_contrast_pos_cos", "region_contrast_neg_cos"):
+        assert key in storage.latest(), key
+    grads = [p.grad for p in model.projector.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(ANCHORS="pixel", PIXELS_PER_REGION=4),
+        dict(REGION_SOURCE="pred"),
+        dict(DYNAMIC_SAMPLES=2, DYNAMIC_FRACTION=0.5),
+        dict(SAMPLES_PER_CLASS=2),
+        dict(MEMORY_DTYPE="float16"),
+        dict(MEMORY_DTYPE="bfloat16"),
+        dict(PROJ_DIM=0),
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_variants_train(options):
+    model = build(make_cfg(**options))
+    for it in range(3):
+        losses, _ = train_step(model, make_batch(it), it)
+        assert all(torch.isfinite(v) for v in losses.values())
+    assert float(losses["loss_contrast"]) > 0
+    features, _ = model.memory_bank.snapshot()
+    assert features.dtype == torch.float32 and torch.isfinite(features).all()
+    if options.get("DYNAMIC_SAMPLES"):
+        # Each region pushes its centre and DYNAMIC_SAMPLES subset means.
+        assert int(model.memory_bank.count.sum()) > 0
+
+
+def test_dynamic_samples_push_extra_rows():
+    plain, dynamic = build(make_cfg()), build(make_cfg(DYNAMIC_SAMPLES=2, MEMORY_SIZE=100))
+    plain.memory_bank = type(plain.memory_bank)(NUM_CLASSES, 100, 16)
+    batch = make_batch()
+    train_step(plain, batch)
+    train_step(dynamic, batch)
+    assert int(dynamic.memory_bank.count.sum()) == 3 * int(plain.memory_bank.count.sum())
+
+
+def test_warmup_has_zero_contrast_weight_but_fills_the_bank():
+    model = build(make_cfg(WARMUP_ITERS=5))
+    for it in range(3):
+        losses, _ = train_step(model, make_batch(it), it)
+        assert float(losses["loss_contrast"]) == 0.0
+    assert int(model.memory_bank.count.sum()) > 0
+    losses, _ = train_step(model, make_batch(7), it=5)
+    assert float(losses["loss_contrast"]) > 0
+
+
+def test_all_ignore_batch_trains():
+    model = build(make_cfg())
+    losses, _ = train_step(model, make_batch(all_ignore=True))
+    assert int(model.memory_bank.count.sum()) == 0
+    assert float(losses["loss_contrast"]) == 0.0
+
+
+def test_non_finite_loss_pushes_nothing():
+    model = build(make_cfg())
+    batch = make_batch()
+    batch[0]["image"][:] = float("nan")
+    model.train()
+    with EventStorage(0):
+        losses = model(batch)
+    assert not torch.isfinite(sum(losses.values()))
+    assert int(model.memory_bank.count.sum()) == 0
+
+
+def test_contrast_math_stays_float32_under_autocast():
+    model = build(make_cfg())
+    train_step(model, make_batch(0))
+    model.train()
+    with EventStorage(1), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(make_batch(1))
+    assert losses["loss_contrast"].dtype == torch.float32
+    assert float(losses["loss_contrast"]) > 0
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("TEMPERATURE", 0.0),
+        ("MEMORY_SIZE", 0),
+        ("PROJ_DIM", -1),
+        ("ANCHORS", "patch"),
+        ("REGION_SOURCE", "oracle"),
+        ("DYNAMIC_FRACTION", 1.5),
+        ("DYNAMIC_FRACTION", 0.0),
+        ("MEMORY_DTYPE", "int8"),
+    ],
+)
+def test_invalid_settings_are_rejected_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"MODEL.REGION_CONTRAST.{key}"):
+        build(make_cfg(**{key: value}))
+
+
+def test_head_without_features_is_rejected():
+    cfg = make_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusHead"
+    with pytest.raises(ValueError, match="RegionContrastDeepLabV3PlusHead"):
+        build(cfg)
+
+
+def test_deeplab_v3_head_variant_trains():
+    cfg = make_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "RegionContrastDeepLabV3Head"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+    cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 32
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    model = build(cfg)
+    for it in range(2):
+        losses, _ = train_step(model, make_batch(it), it)
+    assert float(losses["loss_contrast"]) > 0
