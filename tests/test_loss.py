@@ -94,7 +94,7 @@ def test_temperature_scales_logits():
 def _assert_zero_with_gradient(anchors, anchor_classes, memory, memory_classes):
     anchors = anchors.clone().requires_grad_()
     loss = region_contrast_loss(anchors, anchor_classes, memory, memory_classes, 0.1)
-    assert loss.dim() == 0 and float(loss) == 0.0
+    assert loss.dim() == 0 and float(loss.detach()) == 0.0
     assert loss.requires_grad
     loss.backward()
     assert anchors.grad is not None and torch.equal(anchors.grad, torch.zeros_like(anchors))

@@ -162,6 +162,29 @@ def test_state_dict_inside_a_model_and_shape_mismatch():
         assert message.count("size mismatch") == 0  # only our message, not a duplicate
 
 
+def test_partial_state_keeps_the_bank_empty():
+    bank = RegionMemoryBank(3, 4, 2)
+    bank.push(torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1]))
+    state = bank.state_dict()
+    del state["features"]  # what fvcore's Checkpointer does to a buffer of another shape
+    fresh = RegionMemoryBank(3, 4, 2)
+    result = fresh.load_state_dict(state, strict=False)
+    assert result.missing_keys == ["features"]
+    assert int(fresh.count.sum()) == 0 and int(fresh.ptr.sum()) == 0
+    with pytest.raises(RuntimeError, match="features"):
+        RegionMemoryBank(3, 4, 2).load_state_dict(state)
+
+
+def test_load_casts_to_storage_dtype():
+    bank = RegionMemoryBank(3, 4, 2)
+    bank.push(torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1]))
+    half = RegionMemoryBank(3, 4, 2, dtype=torch.bfloat16)
+    half.load_state_dict(bank.state_dict())
+    assert half.features.dtype == torch.bfloat16
+    assert torch.equal(half.features, bank.features.to(torch.bfloat16))
+    assert torch.equal(half.count, bank.count) and torch.equal(half.ptr, bank.ptr)
+
+
 def test_non_finite_rows_are_rejected_and_bank_unchanged():
     bank = RegionMemoryBank(3, 4, 2)
     bank.push(torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1]))

@@ -42,7 +42,9 @@ def random_labels(generator, n, h, w, num_classes, ignore_fraction=0.2):
 
 def assert_matches_reference(features, labels, num_classes, **kwargs):
     centers, classes, images = region_centers(features, labels, num_classes, **kwargs)
-    ref_centers, ref_classes, ref_images = reference_centers(features, labels, num_classes, **kwargs)
+    ref_centers, ref_classes, ref_images = reference_centers(
+        features, labels, num_classes, **kwargs
+    )
     assert centers.dtype == (torch.float64 if features.dtype == torch.float64 else torch.float32)
     assert classes.dtype == torch.long and images.dtype == torch.long
     assert torch.equal(classes, ref_classes)

@@ -219,6 +219,12 @@ class RegionMemoryBank(nn.Module):
                     "the number of classes (NUM_CLASSES) must match the checkpoint"
                 )
                 return  # skip the default handler and its less helpful duplicate message
+        present = [prefix + name in state_dict for name in expected]
+        if any(present) and not all(present):
+            # A partial bank (e.g. fvcore's Checkpointer drops a buffer whose shape differs, with
+            # a warning) would pair fill counts with zero vectors: keep this bank empty instead.
+            missing_keys.extend(prefix + n for n, p in zip(expected, present) if not p)
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
