@@ -5,7 +5,9 @@ This is the only module that touches third-party modules' attributes. Each alias
 when missing, so a newer Detectron2, or old pinned numpy/Pillow/setuptools, are left untouched.
 Imported by ``region_contrast/__init__.py`` before anything imports Detectron2.
 
-- numpy 1.24 removed ``np.int``, ``np.float``, ``np.bool`` (``SemSegEvaluator``, ``Visualizer``).
+- numpy 1.24 removed ``np.int``, ``np.float``, ``np.bool`` (``SemSegEvaluator``, ``Visualizer``);
+  numpy 2.4 removed ``np.in1d`` (cityscapesscripts' evaluation, behind
+  ``CityscapesSemSegEvaluator``).
 - Pillow 10 removed ``Image.LINEAR`` (read at import of ``detectron2.data.transforms``).
 - setuptools 81 removed ``pkg_resources`` (imported by ``detectron2.model_zoo``).
 """
@@ -25,6 +27,12 @@ def _numpy_aliases():
     for name, value in (("int", int), ("float", float), ("bool", bool)):
         if name not in np.__dict__:
             setattr(np, name, value)
+    if "in1d" not in np.__dict__:
+        # np.in1d(a, b) was np.isin on the flattened a.
+        def in1d(ar1, ar2, assume_unique=False, invert=False):
+            return np.isin(np.ravel(ar1), ar2, assume_unique=assume_unique, invert=invert)
+
+        np.in1d = in1d
 
 
 def _pillow_aliases():
