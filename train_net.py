@@ -6,8 +6,8 @@ Train and evaluate RegionContrast (and its Detectron2 baselines) for semantic se
     python train_net.py --config-file <recipe>.yaml --eval-only MODEL.WEIGHTS <checkpoint>.pth
 """
 import region_contrast  # noqa: F401  (registers data sets, heads, the meta-architecture)
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
+from region_contrast.checkpoint import AtomicDetectionCheckpointer
 from region_contrast.engine import Trainer, setup
 
 
@@ -15,13 +15,15 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    trainer.train()
+    # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set.
+    return getattr(trainer, "_last_eval_results", None)
 
 
 if __name__ == "__main__":

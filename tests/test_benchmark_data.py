@@ -20,7 +20,7 @@ from PIL import Image
 import region_contrast  # noqa: F401
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
-from detectron2.evaluation import SemSegEvaluator
+from detectron2.evaluation import CityscapesSemSegEvaluator, SemSegEvaluator
 from region_contrast.data import ade20k, cityscapes, coco_panoptic, coco_stuff
 from region_contrast.data import prepare as P
 
@@ -455,18 +455,6 @@ def load_train_net():
     return module
 
 
-# Failures outside the data code that this test has met, recognised exactly so that the test
-# reports them (xfail, with the reason) and passes again by itself once they are fixed.
-KNOWN_OUTSIDE_ISSUES = [
-    (AttributeError, "has no attribute 'in1d'",
-     "cityscapesscripts' evaluation calls np.in1d, which numpy 2.4 removed: "
-     "region_contrast/compat.py needs an np.in1d alias (only when missing)"),
-    (AssertionError, "Different evaluators produce results with the same key",
-     "engine.Trainer.build_evaluator combines CityscapesSemSegEvaluator and SemSegEvaluator in "
-     "DatasetEvaluators, but both return the key 'sem_seg' and DatasetEvaluators refuses that"),
-]
-
-
 @pytest.fixture
 def one_thread():
     """Two tiny iterations are fastest on one thread (and much faster on a busy machine)."""
@@ -504,26 +492,20 @@ def test_two_iterations_train_and_evaluate(registered, tmp_path, one_thread):
     train_net = load_train_net()
     evaluator = train_net.Trainer.build_evaluator(train_net.setup(args), test)
     if name == "cityscapes":
-        kinds = {type(e).__name__ for e in evaluator._evaluators}
-        assert "CityscapesSemSegEvaluator" in kinds and any("SemSeg" in k for k in kinds - {
-            "CityscapesSemSegEvaluator"}), kinds
+        parts = evaluator._evaluators
+        assert any(isinstance(e, CityscapesSemSegEvaluator) for e in parts), parts
+        assert any(type(e) is not CityscapesSemSegEvaluator and isinstance(e, SemSegEvaluator)
+                   and not isinstance(e, CityscapesSemSegEvaluator) for e in parts), parts
     else:
         assert isinstance(evaluator, SemSegEvaluator), evaluator
-    try:
-        # Training ends with an evaluation (Detectron2's EvalHook); --eval-only then returns the
-        # metrics (DefaultTrainer.train returns them only with TEST.EXPECTED_RESULTS).
-        train_net.main(args)
-        assert os.path.exists(tmp_path / "model_final.pth")
-        args = default_argument_parser().parse_args(
-            ["--config-file", os.path.join(REPO, "configs", "Base-DigitScenes.yaml"),
-             "--eval-only", *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
-        )
-        results = train_net.main(args)
-    except (AttributeError, AssertionError) as e:
-        for kind, text, reason in KNOWN_OUTSIDE_ISSUES:
-            if isinstance(e, kind) and text in str(e):
-                pytest.xfail(reason)
-        raise
+    # Training ends with an evaluation (Detectron2's EvalHook); --eval-only evaluates again.
+    train_net.main(args)
+    assert os.path.exists(tmp_path / "model_final.pth")
+    args = default_argument_parser().parse_args(
+        ["--config-file", os.path.join(REPO, "configs", "Base-DigitScenes.yaml"),
+         "--eval-only", *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
+    )
+    results = train_net.main(args)
     metrics = results["sem_seg"]
     assert set(metrics) >= {"mIoU", "fwIoU", "mACC", "pACC"}
     assert 0 <= metrics["mIoU"] <= 100
@@ -543,12 +525,6 @@ def test_official_cityscapes_evaluation_agrees_with_the_train_ids(raw, monkeypat
     *_gtFine_labelIds.png), score 100 IoU: both encodings say the same thing on every
     evaluated pixel.
     """
-    from detectron2.evaluation import CityscapesSemSegEvaluator
-
-    if not hasattr(np, "in1d"):  # see KNOWN_OUTSIDE_ISSUES; this test is about the data
-        monkeypatch.setattr(np, "in1d", lambda a, b, assume_unique=False, invert=False:
-                            np.isin(np.ravel(a), b, assume_unique=assume_unique, invert=invert),
-                            raising=False)
     names = REGISTER["cityscapes"](str(raw["root"]), f"{PREFIX}_cs_eval")
     try:
         evaluator = CityscapesSemSegEvaluator(names[1])

@@ -1,21 +1,24 @@
 """The trainer and config setup behind ``train_net.py``, importable so tests run the same code."""
 import logging
 import os
+import weakref
 
 import torch
 
 import detectron2.data.transforms as T
 from detectron2.config import get_cfg
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.evaluation import (
-    CityscapesSemSegEvaluator,
-    DatasetEvaluators,
-    SemSegEvaluator,
-)
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_setup, hooks
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
+from detectron2.utils import comm
 
+from .checkpoint import AtomicDetectionCheckpointer
 from .config import add_region_contrast_config
+from .data.mapper import ValidatingDatasetMapper
+from .data.sampler import ResumableTrainLoader, build_resumable_train_loader
+from .evaluation import CityscapesOfficialSemSegEvaluator, ValidatingSemSegEvaluator
+from .rng import ReseedEachIteration
 from .solver import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,55 @@ def build_sem_seg_train_aug(cfg):
 
 
 class Trainer(DefaultTrainer):
-    """``DefaultTrainer`` with the semantic-segmentation loader, evaluators and solver."""
+    """
+    ``DefaultTrainer`` with the semantic-segmentation loader, evaluators and solver, made
+    reliable: inputs are validated (``ValidatingDatasetMapper``, ``ValidatingSemSegEvaluator``),
+    checkpoints are written atomically and hold the optimizer state, and with ``SEED >= 0`` a
+    resumed run replays the uninterrupted one exactly (resumable data stream, per-iteration
+    reseeding).
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # Same arguments as DefaultTrainer's checkpointer; the checkpointing hook gets it too.
+        self.checkpointer = AtomicDetectionCheckpointer(
+            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        for hook in self._hooks:
+            if isinstance(hook, hooks.PeriodicCheckpointer):
+                hook.checkpointer = self.checkpointer
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            # Continue the data stream where the checkpointed run was, not from its start.
+            loader.set_start_iter(self.start_iter)
+
+    def state_dict(self):
+        # Detectron2 v0.6's DefaultTrainer checkpoints the iteration and the hooks (scheduler)
+        # but not its SimpleTrainer/AMPTrainer: the optimizer state (momentum, Adam moments) and
+        # the AMP grad scaler were lost at --resume. Later Detectron2 versions add them under
+        # the same key.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning(
+                "The checkpoint has no optimizer state (it was written by Detectron2 v0.6's "
+                "DefaultTrainer); the optimizer starts afresh from its hyper-parameters."
+            )
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        if self.cfg.SEED >= 0:
+            ret.insert(0, ReseedEachIteration(self.cfg.SEED, comm.get_rank()))
+        return ret
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -56,13 +107,17 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
         if evaluator_type == "sem_seg":
-            return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+            return ValidatingSemSegEvaluator(
+                dataset_name, distributed=True, output_dir=output_folder
+            )
         if evaluator_type == "cityscapes_sem_seg":
             # The official Cityscapes script and Detectron2's confusion-matrix metrics side by side.
             return DatasetEvaluators(
                 [
-                    CityscapesSemSegEvaluator(dataset_name),
-                    SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
+                    CityscapesOfficialSemSegEvaluator(dataset_name),
+                    ValidatingSemSegEvaluator(
+                        dataset_name, distributed=True, output_dir=output_folder
+                    ),
                 ]
             )
         raise NotImplementedError(
@@ -72,8 +127,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        mapper = DatasetMapper(cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg))
-        return build_detection_train_loader(cfg, mapper=mapper)
+        mapper = ValidatingDatasetMapper(
+            cfg, is_train=True, augmentations=build_sem_seg_train_aug(cfg)
+        )
+        return build_resumable_train_loader(cfg, mapper)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -2,7 +2,8 @@
 DeepLab heads that also hand out the feature map their classifier reads.
 
 They subclass the DeepLab project's heads and add no parameter, so their state dicts, outputs
-and evaluation path are the parents'. Only ``forward_features`` is new.
+and evaluation path are the parents'. Only ``forward_features`` is new, and ``losses`` differs
+from the parents' in one degenerate case: a batch whose pixels are all ignored.
 """
 from contextlib import contextmanager
 
@@ -12,8 +13,22 @@ from detectron2.projects.deeplab import DeepLabV3Head, DeepLabV3PlusHead
 __all__ = ["RegionContrastDeepLabV3PlusHead", "RegionContrastDeepLabV3Head"]
 
 
+class _AllIgnoreSafeLoss:
+    """
+    The parents' ``cross_entropy`` loss is a mean over non-ignored pixels, 0/0 = NaN for a batch
+    with none (Detectron2 then stops training with FloatingPointError). Such a batch gets a zero
+    that keeps every parameter in the graph (DDP needs them all used); any other batch gets the
+    parents' loss unchanged. ``hard_pixel_mining`` already gives 0 there.
+    """
+
+    def losses(self, predictions, targets):
+        if self.loss_type == "cross_entropy" and not bool((targets != self.ignore_value).any()):
+            return {"loss_sem_seg": predictions.sum() * 0.0}
+        return super().losses(predictions, targets)
+
+
 @SEM_SEG_HEADS_REGISTRY.register()
-class RegionContrastDeepLabV3PlusHead(DeepLabV3PlusHead):
+class RegionContrastDeepLabV3PlusHead(_AllIgnoreSafeLoss, DeepLabV3PlusHead):
     """:class:`DeepLabV3PlusHead` that can also return the decoder's penultimate feature map."""
 
     @contextmanager
@@ -39,7 +54,7 @@ class RegionContrastDeepLabV3PlusHead(DeepLabV3PlusHead):
 
 
 @SEM_SEG_HEADS_REGISTRY.register()
-class RegionContrastDeepLabV3Head(DeepLabV3Head):
+class RegionContrastDeepLabV3Head(_AllIgnoreSafeLoss, DeepLabV3Head):
     """:class:`DeepLabV3Head` that can also return the ASPP output its predictor reads."""
 
     def forward_features(self, features):

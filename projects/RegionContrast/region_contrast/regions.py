@@ -234,7 +234,7 @@ def dynamic_subset_centers(
     region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
     num_regions = classes.numel()
     flat = _flat_features(features)
-    if samples == 0:
+    if samples == 0 or num_regions == 0:  # no region (e.g. an all-ignore batch): no subset
         return flat.new_zeros(0, flat.shape[1]), classes[:0], image_index[:0]
     valid = region_id >= 0
     safe_region = region_id.clamp(min=0)

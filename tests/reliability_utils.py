@@ -1,0 +1,125 @@
+"""Helpers shared by the reliability tests (not collected by pytest: no ``test_`` prefix)."""
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+import region_contrast  # noqa: F401
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from region_contrast.data import digit_scenes as ds
+from region_contrast.engine import get_region_contrast_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE_CONFIG = os.path.join(REPO, "configs", "Base-DigitScenes.yaml")
+NUM_CLASSES = 5
+SIZE = 64
+
+
+def make_cfg(num_classes=NUM_CLASSES, norm=None, crop=SIZE, **rc):
+    """The tiny RegionContrast model of tests/test_meta_arch.py; ``norm`` overrides both norms."""
+    cfg = get_region_contrast_cfg()
+    cfg.merge_from_file(BASE_CONFIG)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 32
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
+    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
+    if norm is not None:
+        cfg.MODEL.RESNETS.NORM = norm
+        cfg.MODEL.SEM_SEG_HEAD.NORM = norm
+    cfg.INPUT.CROP.SIZE = (crop, crop)
+    cfg.MODEL.REGION_CONTRAST.ENABLED = True
+    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 16
+    cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 6
+    for key, value in rc.items():
+        cfg.MODEL.REGION_CONTRAST[key] = value
+    return cfg
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build_model(cfg)
+
+
+def make_batch(seed=0, n=2, size=SIZE, num_classes=NUM_CLASSES, classes=None, all_ignore=False):
+    """Blocky random labels (8x8 cells) drawn from ``classes`` (default: all), 5% ignore."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.arange(num_classes) if classes is None else torch.as_tensor(classes)
+    batch = []
+    for _ in range(n):
+        cells = pool[torch.randint(0, len(pool), (size // 8, size // 8), generator=g)]
+        label = cells.repeat_interleave(8, 0).repeat_interleave(8, 1)
+        label[torch.rand(size, size, generator=g) < 0.05] = 255
+        if all_ignore:
+            label[:] = 255
+        image = torch.randint(0, 256, (3, size, size), generator=g).float()
+        batch.append({"image": image, "sem_seg": label, "height": size, "width": size})
+    return batch
+
+
+def train_step(model, batch, it=0):
+    model.train()
+    with EventStorage(it) as storage:
+        losses = model(batch)
+        sum(losses.values()).backward()
+    return losses, storage
+
+
+def tiny_digit_scenes(root, prefix, *, num_train=8, num_val=2, size=64, seed=1):
+    """Generates and registers ``<prefix>_train`` / ``<prefix>_val``; returns the names."""
+    ds.generate_digit_scenes(
+        root, num_train=num_train, num_val=num_val, size=size, seed=seed, progress=False
+    )
+    return ds.register_digit_scenes(root, name_prefix=prefix)
+
+
+def unregister(names):
+    for name in names:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
+
+
+def load_train_net():
+    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(*argv):
+    return default_argument_parser().parse_args(["--config-file", BASE_CONFIG, *argv])
+
+
+def tree_equal(a, b, path="checkpoint"):
+    """Bitwise equality of nested dicts/lists of tensors and plain values; names the first diff."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {set(a) ^ set(b)}"
+        for k in a:
+            tree_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            tree_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread: on a small, shared CPU, two threads contend and run 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
