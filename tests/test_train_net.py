@@ -87,9 +87,12 @@ def test_train_checkpoint_resume_and_evaluate(tiny_scenes, tmp_path, config):
     assert state["iteration"] == 2
     if "region_contrast" in os.path.basename(config):
         assert int(state["model"]["memory_bank.count"].sum()) > 0
-    run(train_net, config, tiny_opts(tmp_path, max_iter=4), "--resume")
+    # Resume from the mid-run checkpoint: the last iteration is trained again from there.
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    os.remove(tmp_path / "model_final.pth")
+    run(train_net, config, opts, "--resume")
     resumed = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
-    assert resumed["iteration"] == 3
+    assert resumed["iteration"] == 2
 
     evaluated = run(
         train_net, config, opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")],
