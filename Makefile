@@ -5,10 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Re-install only when the pins or the installer change.
 STAMP := $(VENV)/.region_contrast-installed
-DEMO_CONFIG ?= configs/DigitScenes/deeplab_v3_plus_R_18_os32_region_contrast_digit_scenes_1500_bs8.yaml
+DEMO_CONFIG ?= configs/DigitScenes/deeplab_v3_plus_R_18_os16_region_contrast_digit_scenes_1500_bs8.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test clean-venv
+.PHONY: install data demo test bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: data
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "warning: pytest collected no tests" >&2; exit 0; fi; exit $$rc
+
+# Cost benchmark on the CPU (RC vs baseline train step, inference, contrast machinery, bank
+# memory): prints a table, writes results/benchmark.json. GPU: $(PY) tools/benchmark.py --device cuda
+bench: install
+	$(PY) tools/benchmark.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -4,6 +4,8 @@ Train and evaluate RegionContrast (and its Detectron2 baselines) for semantic se
 
     python train_net.py --config-file configs/DigitScenes/<recipe>.yaml [--num-gpus 8] [KEY VALUE ...]
     python train_net.py --config-file <recipe>.yaml --eval-only MODEL.WEIGHTS <checkpoint>.pth
+    python train_net.py --config-file <recipe>.yaml --eval-only MODEL.WEIGHTS <checkpoint>.pth \
+        TEST.AUG.ENABLED True        # also multi-scale + flip test-time augmentation
 """
 import region_contrast  # noqa: F401  (registers data sets, heads, the meta-architecture)
 from detectron2.engine import default_argument_parser, launch
@@ -18,7 +20,10 @@ def main(args):
         AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return Trainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
+        return results
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     trainer.train()

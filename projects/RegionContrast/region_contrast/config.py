@@ -36,3 +36,15 @@ def add_region_contrast_config(cfg):
 
     # Optimizer: "SGD" (Detectron2's default) or "ADAMW" (for recipes trained from scratch).
     cfg.SOLVER.OPTIMIZER = "SGD"
+
+    # Sliding-window evaluation (RegionContrastSegmentor): for images larger than the training
+    # crop, and for DeepLab heads whose ASPP pools over a window fixed by INPUT.CROP.SIZE.
+    cfg.TEST.SLIDING_WINDOW = CN()
+    # False evaluates the whole image at once (Detectron2's default, the parent's forward).
+    cfg.TEST.SLIDING_WINDOW.ENABLED = False
+    # Window (height, width) in input pixels; empty uses INPUT.CROP.SIZE (the training crop).
+    cfg.TEST.SLIDING_WINDOW.CROP_SIZE = []
+    # Step (height, width) between windows, at most the window; empty uses 2/3 of the window.
+    cfg.TEST.SLIDING_WINDOW.STRIDE = []
+    # Windows per forward pass; bounds the memory of evaluating a large image.
+    cfg.TEST.SLIDING_WINDOW.BATCH_SIZE = 4

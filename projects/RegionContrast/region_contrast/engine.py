@@ -2,6 +2,7 @@
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -20,6 +21,7 @@ from .data.sampler import ResumableTrainLoader, build_resumable_train_loader
 from .evaluation import CityscapesOfficialSemSegEvaluator, ValidatingSemSegEvaluator
 from .rng import ReseedEachIteration
 from .solver import build_optimizer
+from .test_time_augmentation import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,37 @@ class Trainer(DefaultTrainer):
         ret = super().build_hooks()
         if self.cfg.SEED >= 0:
             ret.insert(0, ReseedEachIteration(self.cfg.SEED, comm.get_rank()))
+        if self.cfg.TEST.AUG.ENABLED:
+            # Test-time augmentation once training ends, right after the plain evaluation (and
+            # before the writers, which then log it); train_net returns both results.
+            def test_with_tta_and_save():
+                results = self.test_with_TTA(self.cfg, self.model)
+                merged = OrderedDict(getattr(self, "_last_eval_results", None) or {})
+                merged.update(results)
+                self._last_eval_results = merged
+                return results
+
+            at = max((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), default=-1)
+            ret.insert(at + 1 if at >= 0 else len(ret), hooks.EvalHook(0, test_with_tta_and_save))
         return ret
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """
+        Evaluates ``model`` with multi-scale and flip test-time augmentation (``TEST.AUG``, see
+        :class:`SemanticSegmentorWithTTA`) on ``DATASETS.TEST``; results come under the
+        evaluators' keys with ``_TTA`` appended, outputs in ``OUTPUT_DIR/inference_TTA/``.
+        """
+        logger.info("Running inference with test-time augmentation ...")
+        model = SemanticSegmentorWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA", name)
+            )
+            for name in cfg.DATASETS.TEST
+        ]
+        results = cls.test(cfg, model, evaluators)
+        return OrderedDict((key + "_TTA", value) for key, value in results.items())
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -2,10 +2,11 @@
 ``RegionContrastSegmentor``: Detectron2's ``SemanticSegmentor`` plus region contrast in training.
 
 This is the only module that knows training from evaluation. Evaluation, and training with
-``MODEL.REGION_CONTRAST.ENABLED: False``, run the parent's ``forward`` unchanged.
+``MODEL.REGION_CONTRAST.ENABLED: False``, run the parent's ``forward`` unchanged, except that
+evaluation can be asked to slide a window over the image (``TEST.SLIDING_WINDOW``).
 """
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch.nn import functional as F
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
+from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
@@ -25,6 +27,7 @@ from .regions import (
     region_pixel_index,
     sample_region_pixels,
 )
+from .sliding_window import sliding_window_logits
 
 __all__ = ["RegionContrastSegmentor"]
 
@@ -55,6 +58,37 @@ def _check_region_contrast_cfg(rc):
                 f"MODEL.REGION_CONTRAST.{key} = {rc.get(key)!r} is invalid: expected {expected}. "
                 "Fix it in the recipe or on the command line."
             )
+
+
+def _sliding_window_from_cfg(cfg, size_divisibility):
+    """``(window, stride, batch_size)`` from ``TEST.SLIDING_WINDOW``, or None when disabled."""
+    sw = cfg.TEST.SLIDING_WINDOW
+    if not sw.ENABLED:
+        return None
+
+    def bad(key, value, expected):
+        return ValueError(
+            f"TEST.SLIDING_WINDOW.{key} = {value!r} is invalid: expected {expected}. "
+            "Fix it in the recipe or on the command line."
+        )
+
+    window = list(sw.CROP_SIZE)
+    if not window:
+        if not (cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute"):
+            raise bad("CROP_SIZE", sw.CROP_SIZE, "(height, width) in pixels: it defaults to "
+                      "INPUT.CROP.SIZE only with an absolute INPUT.CROP")
+        window = list(cfg.INPUT.CROP.SIZE)
+    if len(window) != 2 or min(window) <= 0:
+        raise bad("CROP_SIZE", sw.CROP_SIZE, "two positive integers (height, width)")
+    if size_divisibility > 0 and any(w % size_divisibility for w in window):
+        raise bad("CROP_SIZE", window, f"multiples of the backbone's size divisibility "
+                  f"{size_divisibility}")
+    stride = list(sw.STRIDE) or [max(1, 2 * w // 3) for w in window]
+    if len(stride) != 2 or min(stride) <= 0 or any(s > w for s, w in zip(stride, window)):
+        raise bad("STRIDE", sw.STRIDE, f"two positive integers at most the window {window}")
+    if sw.BATCH_SIZE < 1:
+        raise bad("BATCH_SIZE", sw.BATCH_SIZE, "an integer >= 1")
+    return tuple(int(w) for w in window), tuple(int(s) for s in stride), int(sw.BATCH_SIZE)
 
 
 @META_ARCH_REGISTRY.register()
@@ -88,6 +122,9 @@ class RegionContrastSegmentor(SemanticSegmentor):
         dynamic_samples: int = 0,
         dynamic_fraction: float = 0.5,
         warmup_iters: int = 0,
+        window_size: Optional[Sequence[int]] = None,
+        window_stride: Optional[Sequence[int]] = None,
+        window_batch_size: int = 4,
     ):
         """
         Args:
@@ -105,6 +142,9 @@ class RegionContrastSegmentor(SemanticSegmentor):
             dynamic_samples, dynamic_fraction: extra bank entries per region, each the mean of a
                 random ``dynamic_fraction`` of its pixels.
             warmup_iters: iterations before the contrastive loss is added (the bank still fills).
+            window_size, window_stride: (height, width) of the windows of sliding-window
+                evaluation and of the step between them; None evaluates the whole image.
+            window_batch_size: windows per forward pass in sliding-window evaluation.
         """
         super().__init__(
             backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std
@@ -122,6 +162,11 @@ class RegionContrastSegmentor(SemanticSegmentor):
         self.dynamic_samples = dynamic_samples
         self.dynamic_fraction = dynamic_fraction
         self.warmup_iters = warmup_iters
+        if (window_size is None) != (window_stride is None):
+            raise ValueError("window_size and window_stride are given together or not at all")
+        self.window_size = None if window_size is None else tuple(window_size)
+        self.window_stride = None if window_stride is None else tuple(window_stride)
+        self.window_batch_size = window_batch_size
 
     @classmethod
     def from_config(cls, cfg):
@@ -129,6 +174,10 @@ class RegionContrastSegmentor(SemanticSegmentor):
         rc = cfg.MODEL.REGION_CONTRAST
         _check_region_contrast_cfg(rc)
         ret["num_classes"] = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        sliding = _sliding_window_from_cfg(cfg, ret["backbone"].size_divisibility)
+        if sliding is not None:
+            ret.update(window_size=sliding[0], window_stride=sliding[1],
+                       window_batch_size=sliding[2])
         if not rc.ENABLED:
             return ret
         head = ret["sem_seg_head"]
@@ -167,6 +216,8 @@ class RegionContrastSegmentor(SemanticSegmentor):
         return self.memory_bank is not None
 
     def forward(self, batched_inputs):
+        if not self.training and self.window_size is not None:
+            return self.sliding_window_inference(batched_inputs)
         if not (self.training and self.contrast_enabled):
             return super().forward(batched_inputs)
 
@@ -193,6 +244,33 @@ class RegionContrastSegmentor(SemanticSegmentor):
             bank_rows, bank_classes = bank_rows[:0], bank_classes[:0]
         self.memory_bank.push(bank_rows, bank_classes)
         return losses
+
+    def sliding_window_inference(self, batched_inputs):
+        """
+        The parent's inference, each image evaluated in overlapping windows of ``window_size``
+        (see :mod:`region_contrast.sliding_window`): the logits of the windows are averaged where
+        they overlap, then cut and resized to the requested output size as the parent does.
+        With a window the size of the image, this is the parent's result.
+        """
+        processed_results = []
+        for x in batched_inputs:
+            image = (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+            logits = sliding_window_logits(
+                image, self._window_logits, self.window_size, self.window_stride,
+                self.window_batch_size,
+            )
+            image_size = tuple(image.shape[-2:])
+            height = x.get("height", image_size[0])
+            width = x.get("width", image_size[1])
+            processed_results.append(
+                {"sem_seg": sem_seg_postprocess(logits, image_size, height, width)}
+            )
+        return processed_results
+
+    def _window_logits(self, windows):
+        """Logits (n, K, h, w) of a batch of normalised windows, at input resolution."""
+        logits, _ = self.sem_seg_head(self.backbone(windows))
+        return logits
 
     def _project(self, x):
         if self.projector is not None:

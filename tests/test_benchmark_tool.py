@@ -1,0 +1,113 @@
+"""tools/benchmark.py --quick: runs end to end and writes a complete, consistent JSON report.
+
+Structure only: no timing is asserted (timings depend on the machine and its load).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "benchmark.py")
+
+
+def _stats_ok(stats):
+    return (
+        set(stats) >= {"min", "median", "max", "n"}
+        and stats["n"] >= 1
+        and 0 < stats["min"] <= stats["median"] <= stats["max"]
+    )
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "b.json"
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+def test_all_sections_present(report):
+    r, stdout = report
+    for key in ("machine", "load_average", "train_step", "inference", "contrast", "memory",
+                "gpu", "targets", "table"):
+        assert key in r, key
+    m = r["machine"]
+    for key in ("cpu_model", "cpu_cores", "torch_version", "device", "device_name"):
+        assert m[key], key
+    assert m["device"] == "cpu" and r["gpu"] is None
+    load = r["load_average"]
+    assert len(load["before"]) == 3 and len(load["after"]) == 3
+    assert isinstance(load["loaded"], bool)
+    assert r["quick"] is True
+    assert "1. train step" in stdout and "3. contrast machinery" in stdout
+
+
+def test_train_step_and_inference(report):
+    r, _ = report
+    assert {t["recipe"] for t in r["train_step"]} == {"DigitScenes", "Cityscapes"}
+    for t in r["train_step"]:
+        assert _stats_ok(t["rc_s"]) and _stats_ok(t["baseline_s"])
+        assert t["ratio_median"] > 0 and t["ratio_of_medians"] > 0
+        # A step past the warm-up against a pre-filled bank: the contrast loss is in play.
+        assert t["contrast_loss_active"] is True
+        assert t["bank"]["fill_fraction"] == 1.0
+        mem = t["memory"]
+        assert mem["bank_bytes"] > 0 and mem["persistent_extra_bytes"] >= mem["bank_bytes"]
+        for key in ("rc_step_peak_bytes", "baseline_step_peak_bytes"):
+            assert mem[key] is None or mem[key] > 0
+    assert {i["recipe"] for i in r["inference"]} == {"DigitScenes", "Cityscapes"}
+    for i in r["inference"]:
+        assert _stats_ok(i["rc_s"]) and _stats_ok(i["baseline_s"])
+        assert i["ratio_median"] > 0
+        assert i["outputs_identical"] is True
+        assert i["bank_untouched"] is True
+        assert i["parameters_used_at_test"]["rc"] == i["parameters_used_at_test"]["baseline"]
+
+
+def test_contrast_fast_matches_naive(report):
+    r, _ = report
+    cases = r["contrast"]["cases"]
+    assert {c["num_classes"] for c in cases} == {19, 150, 171}
+    assert any(c["samples_per_class"] == 0 for c in cases)  # the whole bank
+    assert any(c["samples_per_class"] > 0 for c in cases)  # sampled per class
+    for c in cases:
+        assert _stats_ok(c["fast_s"]) and _stats_ok(c["naive_s"])
+        assert c["speedup_median"] > 0
+        assert c["regions"] > 0 and c["memory_rows_used"] > 0
+        assert c["agree"] is True, c
+        assert c["loss_allclose"] and c["same_regions"]
+        assert c["percent_of_cityscapes_step_scaled"] > 0
+    assert r["targets"]["contrast_fast_naive_agree"]["met"] is True
+    assert r["targets"]["inference_outputs_identical"]["met"] is True
+
+
+def test_memory_table_covers_the_recipes(report):
+    r, _ = report
+    rows = [row for row in r["memory"] if "error" not in row]
+    assert rows and not [row for row in r["memory"] if "error" in row]
+    names = {row["recipe"] for row in rows}
+    assert "configs/Base-DigitScenes.yaml" in names
+    for row in rows:
+        fp32 = row["num_classes"] * row["memory_size"] * row["dim"] * 4
+        assert row["bank_bytes_fp32"] == fp32
+        assert row["bank_bytes_fp16"] == row["bank_bytes_bf16"] == fp32 // 2
+        assert row["pixel_memory_bytes_fp32"] == row["num_classes"] * 5000 * row["dim"] * 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_a_gpu_fails_clearly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--device", "cuda", "--quick", "--out", str(tmp_path / "c.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "CUDA is not available" in proc.stderr
+    assert not (tmp_path / "c.json").exists()
