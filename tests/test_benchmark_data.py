@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import region_contrast  # noqa: F401
+from reliability_utils import load_train_net  # one copy for every test file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import CityscapesSemSegEvaluator, SemSegEvaluator
@@ -448,13 +449,6 @@ def test_panoptic_133_class_maps_load(raw):
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation through train_net.py
 # ----------------------------------------------------------------------------------------------
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def one_thread():
     """Two tiny iterations are fastest on one thread (and much faster on a busy machine)."""

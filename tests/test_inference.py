@@ -3,7 +3,6 @@ Evaluation: sliding-window inference, multi-scale + flip test-time augmentation,
 TTA through train_net, and the paper-scale recipes under configs/ (twins, load, build).
 """
 import glob
-import importlib.util
 import os
 import re
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import region_contrast  # noqa: F401
+from reliability_utils import load_train_net  # one copy for every test file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.transforms import ResizeTransform
 from detectron2.engine import default_argument_parser
@@ -251,13 +251,6 @@ def test_tta_works_with_sliding_windows_at_any_scale():
 
 # --------------------------------------------------------------------------------------------
 # train_net: --eval-only and the end of training with TEST.AUG.ENABLED
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """train_net.py's own code path on a tiny DigitScenes: train, checkpoint, resume, evaluate."""
 import glob
-import importlib.util
 import os
 
 import pytest
 import torch
 
 import region_contrast  # noqa: F401
+from reliability_utils import load_train_net  # one copy for every test file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from region_contrast.data import digit_scenes as ds
@@ -15,13 +15,6 @@ from region_contrast.engine import get_region_contrast_cfg
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 DIGIT_RECIPES = [c for c in CONFIGS if os.sep + "DigitScenes" + os.sep in c]
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
