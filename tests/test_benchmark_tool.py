@@ -68,6 +68,7 @@ def test_train_step_and_inference(report):
         assert _stats_ok(i["rc_s"]) and _stats_ok(i["baseline_s"])
         assert i["ratio_median"] > 0
         assert i["outputs_identical"] is True
+        assert i["same_operators"] is True
         assert i["bank_untouched"] is True
         assert i["parameters_used_at_test"]["rc"] == i["parameters_used_at_test"]["baseline"]
 
