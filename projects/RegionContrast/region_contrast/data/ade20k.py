@@ -86,11 +86,7 @@ def prepare_ade20k(root, *, workers=None, progress=True):
     results = []
     for _, folder in SPLITS:
         _, ann_dir, out_dir = _split_dirs(root, folder)
-        tasks = [
-            (os.path.join(out_dir, n), os.path.join(ann_dir, n))
-            for n in sorted(os.listdir(ann_dir))
-            if n.endswith(".png") and not n.startswith(".")
-        ]
+        tasks = P.png_tasks(ann_dir, out_dir)
         results.append(
             P.run_conversion(f"ade20k {folder}", tasks, _convert_one, workers=workers,
                              progress=progress)

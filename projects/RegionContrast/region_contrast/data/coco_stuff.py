@@ -199,11 +199,7 @@ def prepare_coco_stuff_164k(root, *, workers=None, progress=True):
                 f"warning: {os.path.abspath(image_dir)} is missing: training and evaluation need "
                 f"the images ({split}.zip from https://cocodataset.org)."
             )
-        tasks = [
-            (os.path.join(out_dir, n), os.path.join(raw_dir, n))
-            for n in sorted(os.listdir(raw_dir))
-            if n.endswith(".png") and not n.startswith(".")
-        ]
+        tasks = P.png_tasks(raw_dir, out_dir)
         results.append(
             P.run_conversion(f"coco_stuff_164k {split}", tasks, _convert_164k, workers=workers,
                              progress=progress)

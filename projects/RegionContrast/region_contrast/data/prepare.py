@@ -273,6 +273,15 @@ def write_png_atomic(path, array):
         raise
 
 
+def png_tasks(src_dir, out_dir):
+    """``(output, source)`` pairs for every PNG of ``src_dir``, same name under ``out_dir``."""
+    return [
+        (os.path.join(out_dir, n), os.path.join(src_dir, n))
+        for n in sorted(os.listdir(src_dir))
+        if n.endswith(".png") and not n.startswith(".")
+    ]
+
+
 def remove_stale_temps(folders):
     """Removes the temporary files (``TEMP_PREFIX*``) of interrupted runs from ``folders``."""
     removed = 0
