@@ -287,7 +287,9 @@ class RegionContrastSegmentor(SemanticSegmentor):
             labels = F.interpolate(
                 targets[:, None].float(), size=embedding.shape[-2:], mode="nearest"
             )[:, 0].long()
-            pred = logits.detach().argmax(dim=1)
+            # The prediction is needed only for predicted regions or hard pixel anchors.
+            needs_pred = self.region_source == "pred" or self.anchors == "pixel"
+            pred = logits.detach().argmax(dim=1) if needs_pred else None
             if self.region_source == "pred":
                 labels = torch.where(labels == ignore, labels, pred)
 
