@@ -19,6 +19,7 @@ from .config import add_region_contrast_config
 from .data.mapper import ValidatingDatasetMapper
 from .data.sampler import ResumableTrainLoader, build_resumable_train_loader
 from .evaluation import CityscapesOfficialSemSegEvaluator, ValidatingSemSegEvaluator
+from .hooks import build_memory_summary_hook
 from .rng import ReseedEachIteration
 from .solver import build_optimizer
 from .test_time_augmentation import SemanticSegmentorWithTTA
@@ -113,6 +114,11 @@ class Trainer(DefaultTrainer):
 
             at = max((i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook)), default=-1)
             ret.insert(at + 1 if at >= 0 else len(ret), hooks.EvalHook(0, test_with_tta_and_save))
+        summary = build_memory_summary_hook(self.cfg, self.model)
+        if summary is not None:
+            # Before the writers, so that TensorBoard gets the bank's pictures the same step.
+            at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), None)
+            ret.insert(len(ret) if at is None else at, summary)
         return ret
 
     @classmethod
@@ -181,14 +187,26 @@ def get_region_contrast_cfg():
     return cfg
 
 
+def fall_back_to_cpu(cfg):
+    """
+    Sets ``MODEL.DEVICE`` of an unfrozen ``cfg`` to "cpu" when it names CUDA and no GPU is
+    present (recipes name CUDA; a machine without a GPU still runs them unchanged).
+
+    Returns:
+        True when the device was changed.
+    """
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+        return True
+    return False
+
+
 def setup(args):
     """Config from ``--config-file`` and overrides, on the CPU when no GPU is present."""
     cfg = get_region_contrast_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        # Recipes name CUDA; a machine without a GPU still runs them unchanged.
-        cfg.MODEL.DEVICE = "cpu"
+    fall_back_to_cpu(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu":

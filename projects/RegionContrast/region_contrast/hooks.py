@@ -1,0 +1,123 @@
+"""
+``MemorySummaryHook``: TensorBoard pictures of the memory bank while training runs.
+
+At every evaluation (the ``EvalHook``'s period) and at the last iteration, the bank's class-mean
+cosine matrix and a 2-D PCA of its entries (the figures of ``tools/visualize_memory.py``) go into
+the ``EventStorage`` as images, which Detectron2's ``TensorboardXWriter`` writes to
+``OUTPUT_DIR``. The hook only reads the bank: no gradient, no mode switch, no draw from the global
+random generators (deterministic PCA and subsampling, and the generators are restored anyway),
+so a run with it is numerically the run without it, ``--resume`` included.
+"""
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from .memory_bank import RegionMemoryBank
+from .rng import preserved_rngs
+
+__all__ = ["MemorySummaryHook", "build_memory_summary_hook"]
+
+logger = logging.getLogger(__name__)
+
+
+class MemorySummaryHook(HookBase):
+    """
+    Puts ``region_contrast/memory_similarity`` and ``region_contrast/memory_projection`` (CHW
+    float images in [0, 1]) into the trainer's storage after every ``period``-th iteration and
+    after the last one. Register it before the ``PeriodicWriter``, which then writes them in the
+    same iteration.
+    """
+
+    def __init__(
+        self,
+        period: int,
+        bank: RegionMemoryBank,
+        class_names: Optional[Sequence[str]] = None,
+        stuff_colors: Optional[Sequence] = None,
+        max_per_class: int = 200,
+    ):
+        """
+        Args:
+            period: iterations between summaries (the evaluation period); must be > 0.
+            bank: the model's memory bank (read, never written).
+            class_names, stuff_colors: the data set's metadata; None numbers the classes.
+            max_per_class: entries per class in the projection (keeps the plot cheap).
+        """
+        if int(period) != period or period < 1:
+            raise ValueError(f"period must be a positive integer, got {period!r}")
+        self._period = int(period)
+        self._bank = bank
+        self._class_names = list(class_names) if class_names is not None else None
+        if self._class_names is not None and len(self._class_names) != bank.num_classes:
+            # Say it at start-up, not at the first evaluation hours later; numbers still work.
+            logger.warning(
+                "MemorySummaryHook: %d class names for a bank of %d classes; classes are "
+                "numbered instead.", len(self._class_names), bank.num_classes,
+            )
+            self._class_names, stuff_colors = None, None
+        self._stuff_colors = stuff_colors
+        self._max_per_class = max_per_class
+
+    def _due(self) -> bool:
+        next_iter = self.trainer.iter + 1
+        return next_iter % self._period == 0 or next_iter == self.trainer.max_iter
+
+    def after_step(self):
+        if self._due():
+            self.write_summary()
+
+    def write_summary(self):
+        """Puts the two images into the storage now (does nothing while the bank is empty)."""
+        from .memory_plots import memory_summary_images  # matplotlib only once it is needed
+
+        storage = self.trainer.storage
+        try:
+            with torch.no_grad(), preserved_rngs():
+                features, classes = self._bank.snapshot()
+                if classes.numel() == 0:
+                    logger.info("MemorySummaryHook: the memory bank is still empty; no summary.")
+                    return
+                images = memory_summary_images(
+                    features.cpu(), classes.cpu(), self._bank.num_classes,
+                    class_names=self._class_names, stuff_colors=self._stuff_colors,
+                    method="pca", max_per_class=self._max_per_class,
+                    title=f"memory bank at iteration {self.trainer.iter + 1}",
+                )
+        except Exception:
+            # A picture is not worth a long run: log it and train on.
+            logger.exception("MemorySummaryHook: the memory bank summary failed; skipped.")
+            return
+        for name, image in images.items():
+            chw = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+            storage.put_image(f"region_contrast/{name}", chw)
+
+
+def _unwrap(model):
+    if isinstance(model, (DistributedDataParallel, DataParallel)):
+        return model.module
+    return model
+
+
+def build_memory_summary_hook(cfg, model) -> Optional[MemorySummaryHook]:
+    """
+    The hook for a trainer, or None when there is nothing to do: no memory bank
+    (``MODEL.REGION_CONTRAST.ENABLED: False``), no periodic evaluation (``TEST.EVAL_PERIOD``
+    <= 0), or not the main process (every rank holds the same, all-gathered bank).
+    """
+    bank = getattr(_unwrap(model), "memory_bank", None)
+    if bank is None or cfg.TEST.EVAL_PERIOD <= 0 or not comm.is_main_process():
+        return None
+    names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN
+    metadata = MetadataCatalog.get(names[0]) if names else None
+    return MemorySummaryHook(
+        cfg.TEST.EVAL_PERIOD,
+        bank,
+        class_names=metadata.get("stuff_classes", None) if metadata is not None else None,
+        stuff_colors=metadata.get("stuff_colors", None) if metadata is not None else None,
+    )
