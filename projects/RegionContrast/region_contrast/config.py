@@ -34,6 +34,10 @@ def add_region_contrast_config(cfg):
     # Iterations of cross entropy alone before the contrastive loss is added (the bank fills).
     cfg.MODEL.REGION_CONTRAST.WARMUP_ITERS = 0
 
+    # Std of the segmentation classifier's initial weights (the DeepLab heads' 0.001 suits
+    # pretrained backbones; from scratch it stalls the decoder, see heads.py).
+    cfg.MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD = 0.001
+
     # Optimizer: "SGD" (Detectron2's default) or "ADAMW" (for recipes trained from scratch).
     cfg.SOLVER.OPTIMIZER = "SGD"
 
