@@ -8,7 +8,7 @@ STAMP := $(VENV)/.region_contrast-installed
 DEMO_CONFIG ?= configs/DigitScenes/deeplab_v3_plus_R_18_os32_region_contrast_digit_scenes_1500_bs8.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test bench clean-venv
+.PHONY: install data demo test bench results clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: install
 # memory): prints a table, writes results/benchmark.json. GPU: $(PY) tools/benchmark.py --device cuda
 bench: install
 	$(PY) tools/benchmark.py
+
+# DigitScenes evidence: baseline and three RegionContrast variants x 3 seeds at the demo schedule
+# (about an hour on 2 cores; finished runs are kept): results/digit_scenes.{md,png}.
+results: data
+	$(PY) tools/run_experiments.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -62,25 +62,37 @@ def run_dir(root, variant, seed):
     return os.path.join(root, f"{variant}_seed{seed}")
 
 
-def read_result(output_dir):
-    """The final ``sem_seg`` result of a finished run, or None (never run, or interrupted)."""
+def run_argv(variant, seed, output_dir, extra_opts):
+    """``train_net.py``'s arguments for one run."""
+    recipe, overrides = VARIANTS[variant]
+    return [
+        "--config-file", os.path.join(CONFIG_DIR, recipe),
+        *overrides, "SEED", str(seed), "OUTPUT_DIR", output_dir, *extra_opts,
+    ]
+
+
+def read_result(output_dir, argv):
+    """
+    The record of a finished run with these arguments, or None: never run, interrupted, or run
+    with other arguments (say, ``--quick`` into the same folder), which is then trained again.
+    """
     done = os.path.join(output_dir, "run.json")
     if not os.path.isfile(done):
         return None
     with open(done) as f:
         record = json.load(f)
+    if record.get("argv") != argv:
+        print(f"{done} was written by another command ({' '.join(record.get('argv', []))}); "
+              "training again.", flush=True)
+        return None
     return record
 
 
-def train_one(train_net, variant, seed, output_dir, extra_opts):
+def train_one(train_net, variant, seed, argv):
     """Trains and evaluates one run through ``train_net.main``; returns its record."""
     from detectron2.engine import default_argument_parser
 
-    recipe, overrides = VARIANTS[variant]
-    argv = [
-        "--config-file", os.path.join(CONFIG_DIR, recipe),
-        *overrides, "SEED", str(seed), "OUTPUT_DIR", output_dir, *extra_opts,
-    ]
+    output_dir = argv[argv.index("OUTPUT_DIR") + 1]
     args = default_argument_parser().parse_args(argv)
     start = time.perf_counter()
     results = train_net.main(args)
@@ -228,11 +240,12 @@ def main(argv=None):
     todo = [(v, s) for v in args.variants for s in args.seeds]
     for i, (variant, seed) in enumerate(todo, 1):
         out = run_dir(args.output_dir, variant, seed)
-        record = read_result(out)
+        argv_run = run_argv(variant, seed, out, extra)
+        record = read_result(out, argv_run)
         if record is None:
             print(f"[{i}/{len(todo)}] training {variant}, seed {seed} -> {out}", flush=True)
             os.makedirs(out, exist_ok=True)
-            record = train_one(train_net, variant, seed, out, extra)
+            record = train_one(train_net, variant, seed, argv_run)
         else:
             print(f"[{i}/{len(todo)}] {variant}, seed {seed}: already done ({out})", flush=True)
         print(f"[{i}/{len(todo)}] {variant}, seed {seed}: mIoU {record['sem_seg']['mIoU']:.2f} "
