@@ -69,7 +69,10 @@ def train_step(model, batch, it=0):
 
 
 def test_disabled_is_the_detectron2_baseline():
-    rc_model = build(make_cfg(enabled=False))
+    # The DeepLab heads' own classifier init; the DigitScenes recipes widen it (test below).
+    cfg = make_cfg(enabled=False)
+    cfg.MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD = 0.001
+    rc_model = build(cfg)
     d2_model = build(baseline_cfg())
     rc_state, d2_state = rc_model.state_dict(), d2_model.state_dict()
     assert list(rc_state) == list(d2_state)
@@ -259,6 +262,32 @@ def test_head_without_features_is_rejected():
     cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusHead"
     with pytest.raises(ValueError, match="RegionContrastDeepLabV3PlusHead"):
         build(cfg)
+
+
+@pytest.mark.parametrize("head", ["RegionContrastDeepLabV3PlusHead", "RegionContrastDeepLabV3Head"])
+def test_predictor_init_std_redraws_only_the_classifier(head):
+    def head_cfg(std):
+        cfg = make_cfg(enabled=False)
+        cfg.MODEL.SEM_SEG_HEAD.NAME = head
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = 64  # enough weights for a sample std
+        if head == "RegionContrastDeepLabV3Head":
+            cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+        cfg.MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD = std
+        return cfg
+
+    default = build(head_cfg(0.001)).state_dict()
+    wide = build(head_cfg(0.1)).state_dict()
+    assert list(default) == list(wide)
+    # Drawn after everything else, so every other tensor is the DeepLab initialisation.
+    for k in default:
+        if not k.startswith("sem_seg_head.predictor."):
+            assert torch.equal(default[k], wide[k]), k
+    assert abs(float(default["sem_seg_head.predictor.weight"].std()) - 0.001) < 2e-4
+    assert abs(float(wide["sem_seg_head.predictor.weight"].std()) - 0.1) < 0.02
+    assert torch.count_nonzero(wide["sem_seg_head.predictor.bias"]) == 0
+
+    with pytest.raises(ValueError, match="MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD"):
+        build(head_cfg(0.0))
 
 
 def test_deeplab_v3_head_variant_trains():
