@@ -11,7 +11,8 @@ and the result is the mean over anchors with ``|P| >= 1`` and ``|N| >= 1``.
 
 The anchors x memory logits are computed in chunks of anchors, in the forward and again in the
 backward (a hand-written gradient), so that memory use is bounded by the chunk size and autograd
-never holds the full logits matrix. Positives are few (one class out of many), so their terms are
+never holds the full logits matrix. When all anchors fit in one chunk (the usual case: the bound
+is ``max_elements`` logits), the forward's terms are kept for the backward instead of recomputed. Positives are few (one class out of many), so their terms are
 evaluated only at the positive pairs; the dense work per chunk is one matmul, one masked
 log-sum-exp (forward) and one exp (backward).
 
@@ -81,7 +82,13 @@ class _RegionContrastLoss(torch.autograd.Function):
                 ]
             )
         loss = total / num_valid.clamp(min=1).to(total.dtype)
-        ctx.save_for_backward(anchors, anchor_classes, memory, memory_classes, num_valid)
+        # One chunk: its terms (at most max_elements logits) are kept rather than recomputed.
+        kept = (logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits)
+        ctx.kept_terms = chunk >= anchors.shape[0]
+        ctx.save_for_backward(
+            anchors, anchor_classes, memory, memory_classes, num_valid,
+            *(kept if ctx.kept_terms else ()),
+        )
         ctx.temperature = temperature
         ctx.chunk = chunk
         ctx.mark_non_differentiable(num_valid, stats)
@@ -90,7 +97,8 @@ class _RegionContrastLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid, _grad_stats):
-        anchors, anchor_classes, memory, memory_classes, num_valid = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        anchors, anchor_classes, memory, memory_classes, num_valid = saved[:5]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
         with torch.autocast(device_type=anchors.device.type, enabled=False):
@@ -99,12 +107,16 @@ class _RegionContrastLoss(torch.autograd.Function):
             scale = grad_loss / num_valid.clamp(min=1).to(grad_loss.dtype) / t
             grad_anchors = torch.empty_like(anchors)
             for start in range(0, anchors.shape[0], chunk):
-                logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = _chunk_terms(
-                    scaled[start : start + chunk],
-                    anchor_classes[start : start + chunk],
-                    memory,
-                    memory_classes,
-                )
+                if ctx.kept_terms:
+                    terms = saved[5:]
+                else:
+                    terms = _chunk_terms(
+                        scaled[start : start + chunk],
+                        anchor_classes[start : start + chunk],
+                        memory,
+                        memory_classes,
+                    )
+                logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = terms
                 # Invalid rows get weight 0 below; a finite stand-in for their L_neg (the row
                 # max, so exp never overflows) keeps them from turning into 0 * inf = NaN.
                 log_neg = torch.where(valid, log_neg, logits.amax(dim=1))
@@ -113,7 +125,10 @@ class _RegionContrastLoss(torch.autograd.Function):
                 pos_weight = torch.sigmoid(log_neg[rows] - pos_logits)
                 pos_weight /= num_pos[rows].to(pos_weight.dtype)
                 neg_share = torch.zeros_like(log_neg).index_add_(0, rows, pos_weight)
-                weight = logits.sub_(log_neg.unsqueeze(1)).exp_().masked_fill_(positive, 0.0)
+                # Kept terms stay intact: a retained graph may run this backward again.
+                shifted = logits - log_neg.unsqueeze(1) if ctx.kept_terms \
+                    else logits.sub_(log_neg.unsqueeze(1))
+                weight = shifted.exp_().masked_fill_(positive, 0.0)
                 weight *= neg_share.unsqueeze(1)
                 weight[rows, cols] = -pos_weight
                 weight *= (valid.to(weight.dtype) * scale).unsqueeze(1)
