@@ -65,7 +65,7 @@ def test_quick_runs_write_table_and_plot_and_resume(tmp_path, tiny_scenes):
         assert f"| {variant} | {mean:.1f} +/- {std:.1f} | 2 |" in table
     for name in ds.DIGIT_SCENES_CLASSES:
         assert f"| {name} |" in table
-    assert "Commit:" in table and "Machine:" in table
+    assert "Commit of the runs:" in table and "Machine:" in table
 
     plot = np.asarray(Image.open(tmp_path / "digit_scenes.png").convert("RGB"))
     assert plot.shape == (400, 600, 3)

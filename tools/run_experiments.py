@@ -105,6 +105,7 @@ def train_one(train_net, variant, seed, argv):
     record = {
         "variant": variant,
         "seed": seed,
+        "commit": commit_description(),
         "wall_s": wall,
         "argv": argv,
         "sem_seg": {k: float(v) for k, v in results["sem_seg"].items()},
@@ -264,7 +265,7 @@ def main(argv=None):
         f"{datetime.date.today().isoformat()}: {len(args.seeds)} seed(s) per variant, "
         f"{schedule}, evaluated on `{test_set}` with Detectron2's `SemSegEvaluator`.",
         "",
-        f"- Commit: {commit_description()}",
+        "- Commit of the runs: " + ", ".join(sorted({r.get("commit", "unknown") for r in records})),
         f"- Machine: {machine_description()}",
         f"- Overrides for every run: {' '.join(extra) or 'none'}",
     ]
