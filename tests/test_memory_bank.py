@@ -1,6 +1,7 @@
 """region_contrast.memory_bank against a per-class Python list pushed one row at a time."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from region_contrast.memory_bank import RegionMemoryBank
 
@@ -256,3 +257,18 @@ def test_fill_fraction_nbytes_repr():
     assert bank.nbytes == 171 * 10 * 256 * 2
     text = repr(bank)
     assert "num_classes=171" in text and "size=10" in text and "MiB" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_snapshot_copy_false_has_the_same_rows_and_copy_true_is_independent(dtype):
+    bank = RegionMemoryBank(3, 4, 5, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    for fill in (5, 20):  # partly filled, then full (the steady state)
+        bank.push(F.normalize(torch.randn(fill, 5, generator=g), dim=1),
+                  torch.arange(fill) % 3)
+        copied, copied_classes = bank.snapshot()
+        view, view_classes = bank.sample(0, copy=False)
+        assert torch.equal(copied, view) and torch.equal(copied_classes, view_classes)
+        before = copied.clone()
+        bank.push(F.normalize(torch.randn(6, 5, generator=g), dim=1), torch.arange(6) % 3)
+        assert torch.equal(copied, before)  # a copy never sees later pushes

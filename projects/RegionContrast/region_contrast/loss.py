@@ -9,12 +9,13 @@ class ``c`` and negatives ``N`` the rows of other classes::
 
 and the result is the mean over anchors with ``|P| >= 1`` and ``|N| >= 1``.
 
-The anchors x memory logits are computed in chunks of anchors, in the forward and again in the
-backward (a hand-written gradient), so that memory use is bounded by the chunk size and autograd
-never holds the full logits matrix. When all anchors fit in one chunk (the usual case: the bound
-is ``max_elements`` logits), the forward's terms are kept for the backward instead of recomputed. Positives are few (one class out of many), so their terms are
-evaluated only at the positive pairs; the dense work per chunk is one matmul, one masked
-log-sum-exp (forward) and one exp (backward).
+The anchors x memory logits are computed in chunks of anchors, so that memory use is bounded by
+the chunk size and autograd never holds the full logits matrix. The memory is a constant, so the
+gradient with respect to the anchors (a hand-written formula) is computed from each chunk's
+logits right after its loss terms, in the forward; the backward only scales it. Positives are
+few (one class out of many), so their terms are evaluated only at the positive pairs; the dense
+work per chunk is one matmul, one masked log-sum-exp and, for the gradient, one exp and a second
+matmul.
 
 Pure tensor code: no config, no Detectron2, no I/O.
 """
@@ -48,26 +49,56 @@ def _chunk_terms(scaled_anchors, anchor_classes, memory, memory_classes):
     return logits, positive, num_pos, valid, log_neg, rows, cols, logits[rows, cols]
 
 
+def _chunk_grad(logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits, memory, t):
+    """
+    d(sum of the chunk's valid per-anchor losses)/d(anchors) for a chunk; overwrites ``logits``.
+
+    With term_p = softplus(L - l_p):  d/dl_p = -sigmoid(L - l_p), d/dL = sigmoid(L - l_p), and
+    dL/dl_n = softmax of the negatives' logits; l = a.m / t.
+    """
+    # Invalid rows get weight 0 below; a finite stand-in for their L_neg (the row max, so exp
+    # never overflows) keeps them from turning into 0 * inf = NaN.
+    log_neg = torch.where(valid, log_neg, logits.amax(dim=1))
+    pos_weight = torch.sigmoid(log_neg[rows] - pos_logits)
+    pos_weight /= num_pos[rows].to(pos_weight.dtype)
+    neg_share = torch.zeros_like(log_neg).index_add_(0, rows, pos_weight)
+    weight = logits.sub_(log_neg.unsqueeze(1)).exp_().masked_fill_(positive, 0.0)
+    weight *= neg_share.unsqueeze(1)
+    weight[rows, cols] = -pos_weight
+    weight *= (valid.to(weight.dtype) / t).unsqueeze(1)
+    return weight @ memory
+
+
 class _RegionContrastLoss(torch.autograd.Function):
+    """
+    The loss and, in the same pass over the logits, its gradient with respect to the anchors
+    (the memory is constant): the backward only scales that (A, D) gradient. Nothing of the
+    size of the logits or the memory is kept for the backward, so the memory may be a view of
+    the bank that is written to right after the loss.
+    """
+
     @staticmethod
     def forward(ctx, anchors, anchor_classes, memory, memory_classes, temperature, max_elements):
         chunk = _chunk_rows(anchors.shape[0], memory.shape[0], max_elements)
         scaled = anchors / temperature
         total = anchors.new_zeros(())
         num_valid = torch.zeros((), dtype=torch.long, device=anchors.device)
+        with_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(anchors) if with_grad else None
         # Sums and counts of positive / negative cosines, for logging.
         stats = anchors.new_zeros(4)
         for start in range(0, anchors.shape[0], chunk):
-            logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = _chunk_terms(
+            terms = _chunk_terms(
                 scaled[start : start + chunk],
                 anchor_classes[start : start + chunk],
                 memory,
                 memory_classes,
             )
+            logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = terms
             # -log(e^l / (e^l + e^L)) = softplus(L - l); an anchor without negatives (L = -inf)
             # adds exact zeros, and is excluded by `valid` anyway.
-            terms = F.softplus(log_neg[rows] - pos_logits)
-            per_anchor = torch.zeros_like(log_neg).index_add_(0, rows, terms)
+            per_pair = F.softplus(log_neg[rows] - pos_logits)
+            per_anchor = torch.zeros_like(log_neg).index_add_(0, rows, per_pair)
             per_anchor /= num_pos.clamp(min=1).to(per_anchor.dtype)
             total += per_anchor.masked_fill_(~valid, 0.0).sum()
             num_valid += valid.sum()
@@ -81,59 +112,23 @@ class _RegionContrastLoss(torch.autograd.Function):
                     pos_sum.new_tensor(positive.numel() - num_pos_total),
                 ]
             )
-        loss = total / num_valid.clamp(min=1).to(total.dtype)
-        # One chunk: its terms (at most max_elements logits) are kept rather than recomputed.
-        kept = (logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits)
-        ctx.kept_terms = chunk >= anchors.shape[0]
-        ctx.save_for_backward(
-            anchors, anchor_classes, memory, memory_classes, num_valid,
-            *(kept if ctx.kept_terms else ()),
-        )
-        ctx.temperature = temperature
-        ctx.chunk = chunk
+            if with_grad:  # last use of the chunk's logits: overwritten in place
+                grad[start : start + chunk] = _chunk_grad(*terms, memory, temperature)
+        denominator = num_valid.clamp(min=1).to(total.dtype)
+        loss = total / denominator
+        if with_grad:
+            grad /= denominator
+            ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(num_valid, stats)
         return loss, num_valid, stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid, _grad_stats):
-        saved = ctx.saved_tensors
-        anchors, anchor_classes, memory, memory_classes, num_valid = saved[:5]
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None
-        with torch.autocast(device_type=anchors.device.type, enabled=False):
-            t, chunk = ctx.temperature, ctx.chunk
-            scaled = anchors / t
-            scale = grad_loss / num_valid.clamp(min=1).to(grad_loss.dtype) / t
-            grad_anchors = torch.empty_like(anchors)
-            for start in range(0, anchors.shape[0], chunk):
-                if ctx.kept_terms:
-                    terms = saved[5:]
-                else:
-                    terms = _chunk_terms(
-                        scaled[start : start + chunk],
-                        anchor_classes[start : start + chunk],
-                        memory,
-                        memory_classes,
-                    )
-                logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = terms
-                # Invalid rows get weight 0 below; a finite stand-in for their L_neg (the row
-                # max, so exp never overflows) keeps them from turning into 0 * inf = NaN.
-                log_neg = torch.where(valid, log_neg, logits.amax(dim=1))
-                # With term_p = softplus(L - l_p):  d/dl_p = -sigmoid(L - l_p),
-                # d/dL = sigmoid(L - l_p), and dL/dl_n = softmax of the negatives' logits.
-                pos_weight = torch.sigmoid(log_neg[rows] - pos_logits)
-                pos_weight /= num_pos[rows].to(pos_weight.dtype)
-                neg_share = torch.zeros_like(log_neg).index_add_(0, rows, pos_weight)
-                # Kept terms stay intact: a retained graph may run this backward again.
-                shifted = logits - log_neg.unsqueeze(1) if ctx.kept_terms \
-                    else logits.sub_(log_neg.unsqueeze(1))
-                weight = shifted.exp_().masked_fill_(positive, 0.0)
-                weight *= neg_share.unsqueeze(1)
-                weight[rows, cols] = -pos_weight
-                weight *= (valid.to(weight.dtype) * scale).unsqueeze(1)
-                grad_anchors[start : start + chunk] = weight @ memory
-        return grad_anchors, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None
 
 
 def region_contrast_loss(

@@ -167,30 +167,45 @@ class RegionMemoryBank(nn.Module):
         return torch.arange(self.num_classes, device=self.count.device).unsqueeze(1)
 
     @torch.no_grad()
-    def snapshot(self) -> Tuple[torch.Tensor, torch.Tensor]:
+    def snapshot(self, *, copy: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """
+        Args:
+            copy: False may return a view of the buffer (a full float32/float64 bank), which
+                the next :meth:`push` overwrites: for a caller that is done with it by then,
+                such as the loss, whose backward keeps nothing of the memory. Copying a large
+                bank costs more than the loss itself on a CPU.
+
         Returns:
             features: (M, D) float32 copies of all filled slots (float64 for a float64 bank),
                 grouped by class.
             classes: (M,) long.
         """
-        filled = self._filled()
-        classes = self._class_grid().expand(-1, self.size)[filled]
-        return self.features[filled].to(self._output_dtype()), classes
+        flat = self.features.view(-1, self.dim)
+        if bool((self.count == self.size).all()):  # the steady state: every slot filled
+            index = None
+            features = flat.to(self._output_dtype(), copy=copy)
+        else:
+            # Filled slots are a prefix of each ring; index_select is much faster than a
+            # boolean mask over the (C, size, D) buffer.
+            index = torch.nonzero(self._filled().view(-1), as_tuple=True)[0]
+            features = flat.index_select(0, index).to(self._output_dtype())
+        if index is None:
+            index = torch.arange(flat.shape[0], device=flat.device)
+        return features, torch.div(index, self.size, rounding_mode="floor")
 
     @torch.no_grad()
     def sample(
-        self, per_class: int, *, generator: Optional[torch.Generator] = None
+        self, per_class: int, *, generator: Optional[torch.Generator] = None, copy: bool = True
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Up to ``per_class`` distinct random filled slots of each class (all of them if the class
-        has fewer); ``per_class <= 0`` returns :meth:`snapshot`.
+        has fewer); ``per_class <= 0`` returns :meth:`snapshot` (``copy`` as there).
 
         Returns:
             features: (M, D) float32, grouped by class; classes: (M,) long.
         """
         if per_class <= 0 or per_class >= self.size:
-            return self.snapshot()
+            return self.snapshot(copy=copy)
         filled = self._filled()
         keys = torch.rand(
             self.num_classes, self.size, generator=generator, device=self.features.device
@@ -199,7 +214,8 @@ class RegionMemoryBank(nn.Module):
         top, slots = keys.topk(per_class, dim=1, largest=False)
         ok = top < 1.5  # a real draw is in [0, 1); unfilled slots were set to 2
         classes = self._class_grid().expand(-1, per_class)[ok]
-        return self.features[classes, slots[ok]].to(self._output_dtype()), classes
+        rows = self.features.view(-1, self.dim).index_select(0, classes * self.size + slots[ok])
+        return rows.to(self._output_dtype()), classes
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

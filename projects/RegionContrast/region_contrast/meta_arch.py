@@ -300,7 +300,8 @@ class RegionContrastSegmentor(SemanticSegmentor):
             else:
                 anchors, anchor_classes = region_embeddings, classes
 
-            memory, memory_classes = self.memory_bank.sample(self.samples_per_class)
+            # No copy of the bank: the loss is done with it before the push below.
+            memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
             loss, stats = region_contrast_loss(
                 anchors, anchor_classes, memory, memory_classes, self.temperature,
                 return_stats=True,
