@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 import region_contrast  # noqa: F401
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from region_contrast.data import digit_scenes as ds
+from reliability_utils import tiny_digit_scenes, unregister
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,13 +24,10 @@ def load_tool():
 
 @pytest.fixture(scope="module")
 def tiny_scenes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("d2_datasets"))
-    ds.generate_digit_scenes(root, num_train=8, num_val=3, size=128, seed=2, progress=False)
-    names = ds.register_digit_scenes(root, name_prefix="exp_digit_scenes")
+    names = tiny_digit_scenes(str(tmp_path_factory.mktemp("d2_datasets")), "exp_digit_scenes",
+                              num_val=3, size=128, seed=2)
     yield names
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    unregister(names)
 
 
 def argv(tmp_path, seeds=("0", "1"), variants=("baseline", "region"), extra_opts=()):
