@@ -182,15 +182,13 @@ class RegionMemoryBank(nn.Module):
         """
         flat = self.features.view(-1, self.dim)
         if bool((self.count == self.size).all()):  # the steady state: every slot filled
-            index = None
+            index = torch.arange(flat.shape[0], device=flat.device)
             features = flat.to(self._output_dtype(), copy=copy)
         else:
             # Filled slots are a prefix of each ring; index_select is much faster than a
             # boolean mask over the (C, size, D) buffer.
             index = torch.nonzero(self._filled().view(-1), as_tuple=True)[0]
             features = flat.index_select(0, index).to(self._output_dtype())
-        if index is None:
-            index = torch.arange(flat.shape[0], device=flat.device)
         return features, torch.div(index, self.size, rounding_mode="floor")
 
     @torch.no_grad()
