@@ -88,26 +88,44 @@ def region_pixel_index(
     return region_id, present % num_classes, torch.div(present, num_classes, rounding_mode="floor")
 
 
-def _pool(features: torch.Tensor, key: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+def _region_layout(
+    image_index: torch.Tensor, num_images: int
+) -> Tuple[torch.Tensor, int, torch.Tensor]:
+    """
+    Where each region sits among its image's regions, for :func:`_pool`.
+
+    Args:
+        image_index: (R,) image of each region, sorted (regions are ordered by image).
+
+    Returns:
+        first: (N,) id of each image's first region; k: the most regions in one image;
+        rows: (R,) row of each region in the (N * k) per-image slots.
+    """
+    num_regions = image_index.numel()
+    per_image = torch.bincount(image_index, minlength=num_images)
+    first = torch.cumsum(per_image, 0) - per_image
+    k = int(per_image.max()) if num_regions else 0
+    rows = image_index * k + torch.arange(num_regions, device=image_index.device)
+    return first, k, rows - first[image_index]
+
+
+def _pool(features: torch.Tensor, key: torch.Tensor, layout) -> torch.Tensor:
     """
     Mean feature of every region over the pixels whose ``key`` is that region.
 
     Args:
         features: (N, D, H, W).
         key: (N*H*W,) region id of each pixel in (n, h, w) order, -1 for pixels left out.
-        image_index: (R,) image of each region, sorted (regions are ordered by image).
+        layout: :func:`_region_layout` of the regions.
 
     A region holds pixels of its own image only, so each image's sums are one matmul with its
     regions' indicator rows: (D, HW) @ (HW, K), K the most regions in one image, batched over
     images. This reads the (N, D, H, W) layout as it is (no transposed copy of the features)
     and, unlike a scatter of every pixel row, runs at matmul speed forwards and backwards.
     """
+    first, k, rows = layout
     n, d = features.shape[:2]
     flat = features.to(_accumulation_dtype(features.dtype)).reshape(n, d, -1)
-    num_regions = image_index.numel()
-    per_image = torch.bincount(image_index, minlength=n)
-    first = torch.cumsum(per_image, 0) - per_image
-    k = int(per_image.max()) if num_regions else 0
     key = key.view(n, -1)
     # Region id -> position among its image's regions; left-out pixels go to an extra column K.
     local = torch.where(key >= 0, key - first.unsqueeze(1), torch.full_like(key, k))
@@ -116,7 +134,6 @@ def _pool(features: torch.Tensor, key: torch.Tensor, image_index: torch.Tensor) 
     indicator = indicator[:, :k]
     sums = torch.bmm(flat, indicator.transpose(1, 2)).transpose(1, 2)  # (N, K, D)
     counts = indicator.sum(dim=2)  # (N, K)
-    rows = image_index * k + torch.arange(num_regions, device=key.device) - first[image_index]
     sums = sums.reshape(n * k, d)[rows]
     return sums / counts.reshape(n * k)[rows].clamp(min=1).unsqueeze(1)
 
@@ -139,7 +156,8 @@ def region_centers(
     """
     _check_labels(features, labels)
     region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
-    return _pool(features, region_id, image_index), classes, image_index
+    layout = _region_layout(image_index, features.shape[0])
+    return _pool(features, region_id, layout), classes, image_index
 
 
 def _rank_in_sorted_groups(groups: torch.Tensor) -> torch.Tensor:
@@ -255,6 +273,7 @@ def dynamic_subset_centers(
         return empty, classes[:0], image_index[:0]
     valid = region_id >= 0
     safe_region = region_id.clamp(min=0)
+    layout = _region_layout(image_index, features.shape[0])
     pooled = []
     for _ in range(samples):  # `samples` is a small constant; pixels and regions stay vectorised
         u = torch.rand(region_id.shape, generator=generator, device=region_id.device)
@@ -265,7 +284,7 @@ def dynamic_subset_centers(
         # subsets that would otherwise be empty.
         keep = valid & ((u < fraction) | (u == region_min[safe_region]))
         key = torch.where(keep, region_id, torch.full_like(region_id, -1))
-        pooled.append(_pool(features, key, image_index))
+        pooled.append(_pool(features, key, layout))
     centers = torch.stack(pooled, dim=1).reshape(num_regions * samples, features.shape[1])
     return (
         centers,
