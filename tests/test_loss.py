@@ -155,13 +155,16 @@ def test_under_autocast():
 
 
 @pytest.mark.parametrize("max_elements", [1, 20, 21, 47, 10**9])
-def test_chunked_equals_unchunked(max_elements):
-    anchors, anchor_classes, memory, memory_classes = make_case(18, num_anchors=13)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_equals_unchunked(max_elements, dtype):
+    anchors, anchor_classes, memory, memory_classes = make_case(18, num_anchors=13, dtype=dtype)
     full_loss, full_grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1)
     loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1,
                                max_elements=max_elements)
-    torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad, full_grad, rtol=1e-6, atol=1e-7)
+    # Only the matmuls' blocking differs between chunk sizes: float32 rounding, float64 exact.
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, full_loss, **tol)
+    torch.testing.assert_close(grad, full_grad, **tol)
 
 
 def test_gradcheck_float64():
@@ -230,3 +233,40 @@ def test_shape_errors():
         region_contrast_loss(anchors, anchor_classes[:2], memory, memory_classes, 0.1)
     with pytest.raises(ValueError, match="temperature"):
         region_contrast_loss(anchors, anchor_classes, memory, memory_classes, 0.0)
+
+
+def test_memory_order_does_not_matter():
+    # The loss groups the memory by class (one sort) unless it already is, as the bank's are.
+    anchors, anchor_classes, memory, memory_classes = make_case(23, num_memory=30,
+                                                                dtype=torch.float64)
+    order = torch.argsort(memory_classes, stable=True)
+    shuffled = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1)
+    grouped = loss_and_grad(anchors, anchor_classes, memory[order], memory_classes[order], 0.1)
+    descending = torch.argsort(-memory_classes, stable=True)
+    reversed_ = loss_and_grad(anchors, anchor_classes, memory[descending],
+                              memory_classes[descending], 0.1)
+    for other in (grouped, reversed_):
+        torch.testing.assert_close(other[0], shuffled[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(other[1], shuffled[1], rtol=1e-12, atol=1e-14)
+
+
+def test_no_anchor_class_in_bank():
+    anchors, _, memory, memory_classes = make_case(24)
+    anchor_classes = torch.full((anchors.shape[0],), 9)
+    loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1)
+    assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_softplus_matches_log1p_exp(dtype):
+    from region_contrast.loss import _softplus
+
+    x = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-1e-9, 0, 1e-9, 20, 20.001])])
+    x = x.to(dtype)
+    wide = x.double()
+    # float64 reference: log1p(e^x) below 0, x + log1p(e^-x) above.
+    ref = torch.where(wide < 0, torch.log1p(torch.exp(wide)), wide + torch.log1p(torch.exp(-wide)))
+    # Relative error at rounding level; float32's e^x underflows below its smallest normal.
+    tol = (dict(rtol=3e-7, atol=torch.finfo(torch.float32).tiny) if dtype == torch.float32
+           else dict(rtol=1e-15, atol=0.0))
+    torch.testing.assert_close(_softplus(x).double(), ref, **tol)

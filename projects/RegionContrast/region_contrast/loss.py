@@ -12,17 +12,19 @@ and the result is the mean over anchors with ``|P| >= 1`` and ``|N| >= 1``.
 The anchors x memory logits are computed in chunks of anchors, so that memory use is bounded by
 the chunk size and autograd never holds the full logits matrix. The memory is a constant, so the
 gradient with respect to the anchors (a hand-written formula) is computed from each chunk's
-logits right after its loss terms, in the forward; the backward only scales it. Positives are
-few (one class out of many), so their terms are evaluated only at the positive pairs; the dense
-work per chunk is one matmul, one masked log-sum-exp and, for the gradient, one exp and a second
-matmul.
+logits right after its loss terms, in the forward; the backward only scales it.
+
+The memory's rows are grouped by class (the bank's ``snapshot`` and ``sample`` return them so;
+other input is sorted once), so an anchor's positives are one contiguous span of columns: they
+are gathered into a small (anchors, widest span) matrix, and the dense (anchors, memory) work per
+chunk is two matmuls, one max, one exp, two sums and one scale. Nothing dense is indexed by a
+boolean mask, and no pair list is built.
 
 Pure tensor code: no config, no Detectron2, no I/O.
 """
 from typing import Dict, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["region_contrast_loss"]
 
@@ -33,40 +35,76 @@ def _chunk_rows(num_anchors: int, num_memory: int, max_elements: int) -> int:
     return max(1, min(num_anchors, max_elements // max(num_memory, 1)))
 
 
-def _chunk_terms(scaled_anchors, anchor_classes, memory, memory_classes):
-    """
-    Quantities shared by forward and backward, for a chunk of anchors already divided by t.
-
-    Returns logits (a, M), positive mask (a, M), num_pos (a,), valid (a,), log_neg (a,) (-inf
-    without negatives), and the positive pairs as (row, col, logit) (K,) each.
-    """
-    logits = scaled_anchors @ memory.t()
-    positive = anchor_classes.unsqueeze(1) == memory_classes.unsqueeze(0)
-    num_pos = positive.sum(dim=1)
-    valid = (num_pos > 0) & (num_pos < memory_classes.numel())
-    log_neg = torch.logsumexp(logits.masked_fill(positive, float("-inf")), dim=1)
-    rows, cols = torch.nonzero(positive, as_tuple=True)
-    return logits, positive, num_pos, valid, log_neg, rows, cols, logits[rows, cols]
+def _group_by_class(memory, memory_classes):
+    """The memory with each class's rows contiguous, classes ascending (one sort if needed)."""
+    if memory_classes.numel() > 1 and not bool((memory_classes[1:] >= memory_classes[:-1]).all()):
+        order = torch.argsort(memory_classes, stable=True)
+        memory, memory_classes = memory[order], memory_classes[order]
+    return memory, memory_classes
 
 
-def _chunk_grad(logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits, memory, t):
-    """
-    d(sum of the chunk's valid per-anchor losses)/d(anchors) for a chunk; overwrites ``logits``.
+def _positive_spans(anchor_classes, memory_classes):
+    """(first column, count) of each anchor's positives in the class-grouped memory."""
+    classes, counts = torch.unique_consecutive(memory_classes, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    at = torch.searchsorted(classes, anchor_classes).clamp_(max=classes.numel() - 1)
+    num_pos = torch.where(classes[at] == anchor_classes, counts[at], 0)
+    return first[at], num_pos
 
-    With term_p = softplus(L - l_p):  d/dl_p = -sigmoid(L - l_p), d/dL = sigmoid(L - l_p), and
-    dL/dl_n = softmax of the negatives' logits; l = a.m / t.
+
+def _softplus(x):
+    """log(1 + e^x), exact in float32 and float64. F.softplus is a scalar loop on the CPU."""
+    y = torch.exp(x.clamp(max=20.0))
+    u = 1.0 + y
+    # Kahan's log1p: the rounding of 1 + y cancels in log(u) * y / (u - 1); y where u rounds to 1.
+    small = torch.where(u == 1.0, y, torch.log(u) * (y / (u - 1.0)))
+    # Past 20, log(1 + e^x) = x + e^-x to within e^-2x.
+    return torch.where(x > 20.0, x + torch.exp(-x), small)
+
+
+def _chunk(scaled, start, num_pos, valid, width, memory, temperature, with_grad):
     """
-    # Invalid rows get weight 0 below; a finite stand-in for their L_neg (the row max, so exp
-    # never overflows) keeps them from turning into 0 * inf = NaN.
-    log_neg = torch.where(valid, log_neg, logits.amax(dim=1))
-    pos_weight = torch.sigmoid(log_neg[rows] - pos_logits)
-    pos_weight /= num_pos[rows].to(pos_weight.dtype)
-    neg_share = torch.zeros_like(log_neg).index_add_(0, rows, pos_weight)
-    weight = logits.sub_(log_neg.unsqueeze(1)).exp_().masked_fill_(positive, 0.0)
-    weight *= neg_share.unsqueeze(1)
-    weight[rows, cols] = -pos_weight
-    weight *= (valid.to(weight.dtype) / t).unsqueeze(1)
-    return weight @ memory
+    Loss terms of a chunk of anchors (already divided by t), and optionally the gradient of
+    their sum with respect to the anchors.
+
+    With x_p = L - l_p, L = logsumexp of the negatives' logits:  term_p = softplus(x_p),
+    d term_p / d l_p = -sigmoid(x_p) and d term_p / d l_n = sigmoid(x_p) e^(l_n - L).
+
+    Returns (sum of valid per-anchor losses, sum of positive logits, sum of all logits, grad).
+    """
+    offsets = torch.arange(width, device=scaled.device)
+    is_pos = offsets < num_pos.unsqueeze(1)  # (a, width)
+    # Padding repeats the span's first column, a positive (a row without positives is invalid),
+    # so the writes through `cols` below touch positive columns only.
+    cols = start.unsqueeze(1) + torch.where(is_pos, offsets, 0)
+    logits = scaled @ memory.t()
+    logit_sum = logits.sum()
+    pos_logits = logits.gather(1, cols)
+    pos_sum = torch.where(is_pos, pos_logits, 0.0).sum()
+
+    # Shifted by the negatives' max, their exps sum to >= 1: L never under- or overflows.
+    logits.scatter_(1, cols, float("-inf"))
+    shift = logits.amax(dim=1)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)  # a row without negatives
+    neg = logits.sub_(shift.unsqueeze(1)).exp_()  # positives are exp(-inf) = 0
+    neg_sum = neg.sum(dim=1)
+    log_neg = torch.log(neg_sum) + shift  # -inf without negatives: such rows are invalid
+
+    x = log_neg.unsqueeze(1) - pos_logits
+    count = num_pos.clamp(min=1).to(scaled.dtype)
+    per_anchor = torch.where(is_pos, _softplus(x), 0.0).sum(dim=1) / count
+    loss_sum = torch.where(valid, per_anchor, 0.0).sum()
+    if not with_grad:
+        return loss_sum, pos_sum, logit_sum, None
+
+    pos_weight = torch.where(is_pos, torch.sigmoid(x), 0.0) / count.unsqueeze(1)
+    row_scale = valid.to(scaled.dtype) / temperature
+    # e^(l_n - L) = neg_n / neg_sum; invalid rows (neg_sum may be 0) get weight 0.
+    neg_scale = torch.where(valid, pos_weight.sum(dim=1) / neg_sum * row_scale, 0.0)
+    weight = neg.mul_(neg_scale.unsqueeze(1))
+    # Positive columns hold 0; padding entries add 0 to a positive column.
+    weight.scatter_add_(1, cols, pos_weight * -row_scale.unsqueeze(1))
+    return loss_sum, pos_sum, logit_sum, weight @ memory
 
 
 class _RegionContrastLoss(torch.autograd.Function):
@@ -79,43 +117,39 @@ class _RegionContrastLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, anchor_classes, memory, memory_classes, temperature, max_elements):
+        memory, memory_classes = _group_by_class(memory, memory_classes)
+        start, num_pos = _positive_spans(anchor_classes, memory_classes)
+        valid = (num_pos > 0) & (num_pos < memory_classes.numel())
+        num_valid = valid.sum()
+        width = int(num_pos.max())
         chunk = _chunk_rows(anchors.shape[0], memory.shape[0], max_elements)
         scaled = anchors / temperature
-        total = anchors.new_zeros(())
-        num_valid = torch.zeros((), dtype=torch.long, device=anchors.device)
         with_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(anchors) if with_grad else None
-        # Sums and counts of positive / negative cosines, for logging.
-        stats = anchors.new_zeros(4)
-        for start in range(0, anchors.shape[0], chunk):
-            terms = _chunk_terms(
-                scaled[start : start + chunk],
-                anchor_classes[start : start + chunk],
-                memory,
-                memory_classes,
-            )
-            logits, positive, num_pos, valid, log_neg, rows, cols, pos_logits = terms
-            # -log(e^l / (e^l + e^L)) = softplus(L - l); an anchor without negatives (L = -inf)
-            # adds exact zeros, and is excluded by `valid` anyway.
-            per_pair = F.softplus(log_neg[rows] - pos_logits)
-            per_anchor = torch.zeros_like(log_neg).index_add_(0, rows, per_pair)
-            per_anchor /= num_pos.clamp(min=1).to(per_anchor.dtype)
-            total += per_anchor.masked_fill_(~valid, 0.0).sum()
-            num_valid += valid.sum()
-            pos_sum = pos_logits.sum()
-            num_pos_total = rows.numel()
-            stats += torch.stack(
-                [
-                    pos_sum * temperature,
-                    pos_sum.new_tensor(num_pos_total),
-                    (logits.sum() - pos_sum) * temperature,
-                    pos_sum.new_tensor(positive.numel() - num_pos_total),
-                ]
-            )
-            if with_grad:  # last use of the chunk's logits: overwritten in place
-                grad[start : start + chunk] = _chunk_grad(*terms, memory, temperature)
+        total = anchors.new_zeros(())
+        pos_sum = anchors.new_zeros(())
+        logit_sum = anchors.new_zeros(())
+        for lo in range(0, anchors.shape[0], chunk):
+            part = slice(lo, lo + chunk)
+            terms = _chunk(scaled[part], start[part], num_pos[part], valid[part], width, memory,
+                           temperature, with_grad)
+            total += terms[0]
+            pos_sum += terms[1]
+            logit_sum += terms[2]
+            if with_grad:
+                grad[part] = terms[3]
         denominator = num_valid.clamp(min=1).to(total.dtype)
         loss = total / denominator
+        # Sums and counts of positive / negative cosines, for logging.
+        num_pairs = num_pos.sum().to(total.dtype)
+        stats = torch.stack(
+            [
+                pos_sum * temperature,
+                num_pairs,
+                (logit_sum - pos_sum) * temperature,
+                anchors.shape[0] * memory.shape[0] - num_pairs,
+            ]
+        )
         if with_grad:
             grad /= denominator
             ctx.save_for_backward(grad)
