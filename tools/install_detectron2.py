@@ -8,11 +8,13 @@ Make Detectron2 importable in the running interpreter's environment.
    without ``detectron2/layers/csrc``) is downloaded, checked against its known sha256, given a
    placeholder ``_C`` extension so that ``setup.py`` can build, turned into a wheel that goes to
    the cache, and installed with ``--no-deps`` (pyproject.toml lists the runtime requirements).
+   ``--sdist PATH`` takes that sdist from a local file instead (machines without network); it
+   must have the same sha256.
 
 The placeholder ``_C`` has no operators: deformable convolution, rotated boxes/ROIAlignRotated
 and the C++ COCO evaluation fail if called. Semantic segmentation never calls them.
 
-Usage: ``python tools/install_detectron2.py [--cache-dir DIR] [--force]``
+Usage: ``python tools/install_detectron2.py [--cache-dir DIR] [--force] [--sdist PATH]``
 """
 import argparse
 import glob
@@ -68,18 +70,23 @@ def sha256(path):
     return h.hexdigest()
 
 
-def build_wheel(wheel_dir):
+def build_wheel(wheel_dir, sdist=None):
     with tempfile.TemporaryDirectory(prefix="d2-build-") as tmp:
-        # --no-build-isolation: setup.py imports torch, so metadata needs the installed one.
-        pip("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", SDIST,
-            "-d", tmp)
-        archive = os.path.join(tmp, SDIST_FILE)
+        if sdist is None:
+            # --no-build-isolation: setup.py imports torch, so metadata needs the installed one.
+            pip("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation", SDIST,
+                "-d", tmp)
+            archive = os.path.join(tmp, SDIST_FILE)
+            origin = f"The package index served a different {SDIST}"
+        else:
+            archive = sdist
+            origin = f"It is not the {SDIST} sdist this script knows"
         digest = sha256(archive)
         if digest != SDIST_SHA256:
             sys.exit(
-                f"error: {archive} has sha256 {digest}, expected {SDIST_SHA256}. The package "
-                f"index served a different {SDIST}; refusing to build it. Install an official "
-                "Detectron2 build into this environment instead and re-run."
+                f"error: {archive} has sha256 {digest}, expected {SDIST_SHA256}. {origin}; "
+                "refusing to build it. Install an official Detectron2 build into this "
+                "environment instead and re-run."
             )
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")
@@ -105,7 +112,12 @@ def main():
                         help="where built wheels are kept between environments")
     parser.add_argument("--force", action="store_true",
                         help="rebuild and reinstall even if Detectron2 is importable")
+    parser.add_argument("--sdist", metavar="PATH",
+                        help=f"build from this local {SDIST_FILE} instead of downloading it")
     args = parser.parse_args()
+    # Checked first so that a wrong path fails at once, not after a cache miss.
+    if args.sdist is not None and not os.path.isfile(args.sdist):
+        sys.exit(f"error: --sdist {args.sdist}: no such file")
 
     if not args.force and importlib.util.find_spec("detectron2") is not None:
         import detectron2
@@ -132,7 +144,7 @@ def main():
         print(f"Using cached Detectron2 wheel {wheel}")
     else:
         print(f"Building Detectron2 v0.6 with a placeholder _C extension into {wheel_dir}")
-        wheel = build_wheel(wheel_dir)
+        wheel = build_wheel(wheel_dir, args.sdist)
     pip("install", "--no-deps", "--force-reinstall", wheel)
 
 
