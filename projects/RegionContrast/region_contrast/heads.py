@@ -66,6 +66,8 @@ class RegionContrastDeepLabV3PlusHead(_AllIgnoreSafeLoss, DeepLabV3PlusHead):
         """
         super().__init__(input_shape, **kwargs)
         _init_predictor(self, predictor_init_std)
+        # The decoder ends at its finest input's resolution: that of in_features[0].
+        self.embedding_stride = input_shape[self.in_features[0]].stride
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -103,6 +105,7 @@ class RegionContrastDeepLabV3Head(_AllIgnoreSafeLoss, DeepLabV3Head):
         # The parent takes the config itself (it is not @configurable in Detectron2 v0.6).
         super().__init__(cfg, input_shape)
         _init_predictor(self, cfg.MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD)
+        self.embedding_stride = input_shape[self.in_features[0]].stride
 
     def forward_features(self, features):
         """Returns (logits, ASPP features), both at the head's stride."""

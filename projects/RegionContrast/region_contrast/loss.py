@@ -20,13 +20,17 @@ are gathered into a small (anchors, widest span) matrix, and the dense (anchors,
 chunk is two matmuls, one max, one exp, two sums and one scale. Nothing dense is indexed by a
 boolean mask, and no pair list is built.
 
+Everything that needs the host to read device values (grouping the memory, the positives' spans)
+is in :func:`plan_region_contrast`, which needs only the classes: a caller can plan before it
+queues the network's forward, and the loss itself then never waits for the GPU.
+
 Pure tensor code: no config, no Detectron2, no I/O.
 """
-from typing import Dict, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["region_contrast_loss"]
+__all__ = ["ContrastPlan", "plan_region_contrast", "region_contrast_loss"]
 
 _DEFAULT_MAX_ELEMENTS = 2**24
 
@@ -35,21 +39,42 @@ def _chunk_rows(num_anchors: int, num_memory: int, max_elements: int) -> int:
     return max(1, min(num_anchors, max_elements // max(num_memory, 1)))
 
 
-def _group_by_class(memory, memory_classes):
-    """The memory with each class's rows contiguous, classes ascending (one sort if needed)."""
+class ContrastPlan(NamedTuple):
+    """Which memory rows are each anchor's positives (:func:`plan_region_contrast`)."""
+
+    memory: torch.Tensor  # (M, D) the memory, each class's rows contiguous, classes ascending
+    memory_classes: torch.Tensor  # (M,) long
+    start: torch.Tensor  # (A,) first column of each anchor's positives
+    num_pos: torch.Tensor  # (A,) number of positives (0 for a class absent from the memory)
+    valid: torch.Tensor  # (A,) bool: at least one positive and one negative
+    num_valid: torch.Tensor  # () long
+    width: int  # the most positives of one anchor
+
+
+def plan_region_contrast(
+    anchor_classes: torch.Tensor, memory: torch.Tensor, memory_classes: torch.Tensor
+) -> ContrastPlan:
+    """
+    Groups the memory by class (one sort, unless it already is, as the bank's ``snapshot`` and
+    ``sample`` are) and finds each anchor's span of positives. Reads device values on the host.
+    """
+    memory_classes = memory_classes.to(device=memory.device, dtype=torch.long)
+    anchor_classes = anchor_classes.to(device=memory.device, dtype=torch.long)
     if memory_classes.numel() > 1 and not bool((memory_classes[1:] >= memory_classes[:-1]).all()):
         order = torch.argsort(memory_classes, stable=True)
         memory, memory_classes = memory[order], memory_classes[order]
-    return memory, memory_classes
-
-
-def _positive_spans(anchor_classes, memory_classes):
-    """(first column, count) of each anchor's positives in the class-grouped memory."""
-    classes, counts = torch.unique_consecutive(memory_classes, return_counts=True)
-    first = torch.cumsum(counts, 0) - counts
-    at = torch.searchsorted(classes, anchor_classes).clamp_(max=classes.numel() - 1)
-    num_pos = torch.where(classes[at] == anchor_classes, counts[at], 0)
-    return first[at], num_pos
+    if memory_classes.numel() == 0:
+        num_pos = torch.zeros_like(anchor_classes)
+        start = num_pos
+    else:
+        classes, counts = torch.unique_consecutive(memory_classes, return_counts=True)
+        first = torch.cumsum(counts, 0) - counts
+        at = torch.searchsorted(classes, anchor_classes).clamp_(max=classes.numel() - 1)
+        num_pos = torch.where(classes[at] == anchor_classes, counts[at], 0)
+        start = first[at]
+    valid = (num_pos > 0) & (num_pos < memory_classes.numel())
+    width = int(num_pos.max()) if num_pos.numel() else 0
+    return ContrastPlan(memory, memory_classes, start, num_pos, valid, valid.sum(), width)
 
 
 def _softplus(x):
@@ -116,12 +141,8 @@ class _RegionContrastLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchors, anchor_classes, memory, memory_classes, temperature, max_elements):
-        memory, memory_classes = _group_by_class(memory, memory_classes)
-        start, num_pos = _positive_spans(anchor_classes, memory_classes)
-        valid = (num_pos > 0) & (num_pos < memory_classes.numel())
-        num_valid = valid.sum()
-        width = int(num_pos.max())
+    def forward(ctx, anchors, memory, plan, temperature, max_elements):
+        start, num_pos, valid, num_valid, width = plan[2:]
         chunk = _chunk_rows(anchors.shape[0], memory.shape[0], max_elements)
         scaled = anchors / temperature
         with_grad = ctx.needs_input_grad[0]
@@ -160,9 +181,9 @@ class _RegionContrastLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid, _grad_stats):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None
 
 
 def region_contrast_loss(
@@ -174,6 +195,7 @@ def region_contrast_loss(
     *,
     return_stats: bool = False,
     max_elements: int = _DEFAULT_MAX_ELEMENTS,
+    plan: Optional[ContrastPlan] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
     """
     Args:
@@ -186,6 +208,8 @@ def region_contrast_loss(
             (mean cosine over all anchor-positive / anchor-negative pairs, NaN when there are
             none) and ``num_valid`` (anchors with at least one positive and one negative).
         max_elements: logits computed at most this many at a time (chunks of anchors).
+        plan: :func:`plan_region_contrast` of these classes and memory, made earlier; the loss
+            then reads no device value on the host.
 
     Returns:
         A float32 scalar (float64 for float64 inputs): the mean loss over valid anchors, or a
@@ -210,17 +234,24 @@ def region_contrast_loss(
     dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         a = anchors.to(dtype)
-        m = memory.detach().to(device=anchors.device, dtype=dtype)
-        anchor_classes = anchor_classes.to(device=anchors.device, dtype=torch.long)
-        memory_classes = memory_classes.to(device=anchors.device, dtype=torch.long)
-        if a.shape[0] == 0 or m.shape[0] == 0:
+        if a.shape[0] == 0 or memory.shape[0] == 0:
             loss = a.sum() * 0.0
             nan = torch.full((), float("nan"), dtype=dtype, device=a.device)
             num_valid = torch.zeros((), dtype=torch.long, device=a.device)
             stats = {"pos_cos": nan, "neg_cos": nan.clone(), "num_valid": num_valid}
         else:
+            if plan is None:
+                plan = plan_region_contrast(anchor_classes, memory.detach(), memory_classes)
+            elif plan.start.shape[0] != a.shape[0] or plan.memory.shape != memory.shape:
+                raise ValueError(
+                    f"the plan was made for {plan.start.shape[0]} anchors and a memory of "
+                    f"{tuple(plan.memory.shape)}, got {a.shape[0]} and {tuple(memory.shape)}"
+                )
+            m = plan.memory.detach().to(device=a.device, dtype=dtype)
+            plan = plan._replace(**{k: getattr(plan, k).to(a.device)
+                                    for k in ("start", "num_pos", "valid", "num_valid")})
             loss, num_valid, sums = _RegionContrastLoss.apply(
-                a, anchor_classes, m, memory_classes, float(temperature), int(max_elements)
+                a, m, plan, float(temperature), int(max_elements)
             )
             stats = {
                 "pos_cos": sums[0] / sums[1],  # 0/0 = NaN: no pairs of that kind

@@ -6,7 +6,7 @@ This is the only module that knows training from evaluation. Evaluation, and tra
 evaluation can be asked to slide a window over the image (``TEST.SLIDING_WINDOW``).
 """
 import logging
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,13 +18,14 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
-from .loss import region_contrast_loss
+from .loss import ContrastPlan, plan_region_contrast, region_contrast_loss
 from .memory_bank import RegionMemoryBank
 from .projection import build_projection_head
 from .regions import (
+    Regions,
     dynamic_subset_centers,
-    region_centers,
-    region_pixel_index,
+    find_regions,
+    pool_regions,
     sample_region_pixels,
 )
 from .sliding_window import sliding_window_logits
@@ -34,6 +35,16 @@ __all__ = ["RegionContrastSegmentor"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _Prepared(NamedTuple):
+    """A step's regions and bank read, found before the contrast runs (:meth:`_prepare`)."""
+
+    labels: torch.Tensor  # (N, h, w) at the embedding's resolution
+    regions: Regions
+    memory: torch.Tensor
+    memory_classes: torch.Tensor
+    plan: Optional[ContrastPlan]  # None for pixel anchors: their classes are drawn later
 
 
 def _check_region_contrast_cfg(rc):
@@ -231,10 +242,21 @@ class RegionContrastSegmentor(SemanticSegmentor):
             self.sem_seg_head.ignore_value,
         ).tensor
 
+        # Every host read of device values that the contrast needs (region counts, the bank's
+        # classes) happens here, before the network's forward is queued: on a GPU, the small
+        # contrast kernels then queue behind the network's instead of waiting for it.
+        prepared = None
+        stride = getattr(self.sem_seg_head, "embedding_stride", None)
+        if self.region_source == "gt" and stride:
+            height, width = images.tensor.shape[-2:]
+            prepared = self._prepare(targets, (height // stride, width // stride))
+
         features = self.backbone(images.tensor)
         logits, embedding = self.sem_seg_head.forward_features(features)
+        contrast_loss, bank_rows, bank_classes = self._contrast(
+            embedding, logits, targets, prepared
+        )
         losses = self.sem_seg_head.losses(logits, targets)
-        contrast_loss, bank_rows, bank_classes = self._contrast(embedding, logits, targets)
         losses["loss_contrast"] = contrast_loss
 
         # Push after the loss, and nothing from a step whose loss is not finite: Detectron2
@@ -277,34 +299,46 @@ class RegionContrastSegmentor(SemanticSegmentor):
             x = self.projector(x)
         return F.normalize(x, dim=1)
 
-    def _contrast(self, embedding, logits, targets):
+    def _prepare(self, targets, size, pred=None):
+        """Labels at ``size``, their regions, the bank read for this step and the loss's plan."""
+        ignore = self.sem_seg_head.ignore_value
+        labels = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        if pred is not None:  # predicted regions; ignored pixels stay ignored
+            labels = torch.where(labels == ignore, labels, pred)
+        regions = find_regions(labels, self.num_classes, ignore)
+        # No copy of the bank: the loss is done with it before the step's push.
+        memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
+        plan = None
+        if self.anchors == "region":
+            plan = plan_region_contrast(regions.classes, memory, memory_classes)
+        return _Prepared(labels, regions, memory, memory_classes, plan)
+
+    def _contrast(self, embedding, logits, targets, prepared=None):
         """Returns (weighted contrastive loss, rows to push, their classes)."""
         ignore = self.sem_seg_head.ignore_value
         # The contrast runs in float32 whatever autocast does around it: dot products over
         # hundreds of dims divided by t = 0.1 overflow fp16.
         with torch.autocast(device_type=embedding.device.type, enabled=False):
             embedding = embedding.float()
-            labels = F.interpolate(
-                targets[:, None].float(), size=embedding.shape[-2:], mode="nearest"
-            )[:, 0].long()
             # The prediction is needed only for predicted regions or hard pixel anchors.
             needs_pred = self.region_source == "pred" or self.anchors == "pixel"
             pred = logits.detach().argmax(dim=1) if needs_pred else None
-            if self.region_source == "pred":
-                labels = torch.where(labels == ignore, labels, pred)
+            if prepared is None or prepared.labels.shape[-2:] != embedding.shape[-2:]:
+                prepared = self._prepare(
+                    targets, embedding.shape[-2:], pred if self.region_source == "pred" else None
+                )
+            labels, regions = prepared.labels, prepared.regions
 
-            centers, classes, _ = region_centers(embedding, labels, self.num_classes, ignore)
-            region_embeddings = self._project(centers)
+            classes = regions.classes
+            region_embeddings = self._project(pool_regions(embedding, regions))
             if self.anchors == "pixel":
-                anchors, anchor_classes = self._pixel_anchors(embedding, labels, pred)
+                anchors, anchor_classes = self._pixel_anchors(embedding, regions, labels, pred)
             else:
                 anchors, anchor_classes = region_embeddings, classes
 
-            # No copy of the bank: the loss is done with it before the push below.
-            memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
             loss, stats = region_contrast_loss(
-                anchors, anchor_classes, memory, memory_classes, self.temperature,
-                return_stats=True,
+                anchors, anchor_classes, prepared.memory, prepared.memory_classes,
+                self.temperature, return_stats=True, plan=prepared.plan,
             )
 
             bank_rows, bank_classes = region_embeddings.detach(), classes
@@ -334,14 +368,11 @@ class RegionContrastSegmentor(SemanticSegmentor):
             )
         return loss * weight, bank_rows, bank_classes
 
-    def _pixel_anchors(self, embedding, labels, pred):
+    def _pixel_anchors(self, embedding, regions, labels, pred):
         """Up to ``pixels_per_region`` pixel embeddings per region, half hard when possible."""
-        region_id, classes, _ = region_pixel_index(
-            labels, self.num_classes, self.sem_seg_head.ignore_value
-        )
         hard = (pred != labels).flatten()
         index, pixel_region = sample_region_pixels(
-            region_id, classes.numel(), self.pixels_per_region, hard_mask=hard
+            regions.region_id, regions.classes.numel(), self.pixels_per_region, hard_mask=hard
         )
         flat = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
-        return self._project(flat[index]), classes[pixel_region]
+        return self._project(flat[index]), regions.classes[pixel_region]

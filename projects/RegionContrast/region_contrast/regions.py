@@ -6,13 +6,20 @@ is vectorised over images, classes and pixels: regions are found by one ``bincou
 key ``image * num_classes + class`` (keys come out sorted, which gives the image-then-class row
 order for free) and pooled by one batched matmul with the regions' indicators.
 
+Finding the regions (:func:`find_regions`) needs the host to read region counts; pooling them
+(:func:`pool_regions`) does not. On a GPU, a caller that finds the regions from the labels before
+it queues the network's forward keeps the device busy: nothing after that waits for the GPU.
+
 Pure tensor code: no config, no Detectron2, no I/O.
 """
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 __all__ = [
+    "Regions",
+    "find_regions",
+    "pool_regions",
     "region_centers",
     "region_pixel_index",
     "sample_region_pixels",
@@ -88,54 +95,69 @@ def region_pixel_index(
     return region_id, present % num_classes, torch.div(present, num_classes, rounding_mode="floor")
 
 
-def _region_layout(
-    image_index: torch.Tensor, num_images: int
-) -> Tuple[torch.Tensor, int, torch.Tensor]:
-    """
-    Where each region sits among its image's regions, for :func:`_pool`.
+class Regions(NamedTuple):
+    """The regions of a label map (:func:`find_regions`), ready to pool any feature map with."""
 
-    Args:
-        image_index: (R,) image of each region, sorted (regions are ordered by image).
+    region_id: torch.Tensor  # (N*H*W,) region of each pixel in (n, h, w) order, -1 if ignored
+    classes: torch.Tensor  # (R,) class of each region
+    image_index: torch.Tensor  # (R,) image of each region; rows ordered by image, then class
+    first: torch.Tensor  # (N,) id of each image's first region
+    width: int  # K, the most regions in one image
+    rows: torch.Tensor  # (R,) row of each region among the (N * K) per-image slots
+    shape: Tuple[int, int, int]  # (N, H, W) of the labels
 
-    Returns:
-        first: (N,) id of each image's first region; k: the most regions in one image;
-        rows: (R,) row of each region in the (N * k) per-image slots.
+
+def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255) -> Regions:
     """
+    The regions of ``labels`` (N, H, W) and where each sits among its image's regions, for
+    :func:`pool_regions`. All of region pooling's host synchronisation happens here.
+    """
+    region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
     num_regions = image_index.numel()
-    per_image = torch.bincount(image_index, minlength=num_images)
+    n = labels.shape[0]
+    per_image = torch.bincount(image_index, minlength=n)
     first = torch.cumsum(per_image, 0) - per_image
     k = int(per_image.max()) if num_regions else 0
     rows = image_index * k + torch.arange(num_regions, device=image_index.device)
-    return first, k, rows - first[image_index]
+    return Regions(region_id, classes, image_index, first, k, rows - first[image_index],
+                   tuple(labels.shape))
 
 
-def _pool(features: torch.Tensor, key: torch.Tensor, layout) -> torch.Tensor:
+def pool_regions(
+    features: torch.Tensor, regions: Regions, key: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """
-    Mean feature of every region over the pixels whose ``key`` is that region.
+    Mean feature (R, D) of every region; no host synchronisation.
 
     Args:
-        features: (N, D, H, W).
-        key: (N*H*W,) region id of each pixel in (n, h, w) order, -1 for pixels left out.
-        layout: :func:`_region_layout` of the regions.
+        features: (N, D, H, W) at the labels' resolution, any floating dtype; differentiable.
+        regions: :func:`find_regions` of the labels.
+        key: optional (N*H*W,) region of each pixel to pool instead of ``regions.region_id``
+            (-1 leaves a pixel out), e.g. a random subset of each region's pixels.
 
     A region holds pixels of its own image only, so each image's sums are one matmul with its
-    regions' indicator rows: (D, HW) @ (HW, K), K the most regions in one image, batched over
-    images. This reads the (N, D, H, W) layout as it is (no transposed copy of the features)
-    and, unlike a scatter of every pixel row, runs at matmul speed forwards and backwards.
+    regions' indicator rows: (D, HW) @ (HW, K), batched over images. This reads the (N, D, H, W)
+    layout as it is (no transposed copy of the features) and, unlike a scatter of every pixel
+    row, runs at matmul speed forwards and backwards.
     """
-    first, k, rows = layout
+    if features.dim() != 4 or (features.shape[0], *features.shape[2:]) != regions.shape:
+        raise ValueError(
+            f"features {tuple(features.shape)} do not match the regions' labels "
+            f"{regions.shape}: expected (N, D, H, W) with (N, H, W) = {regions.shape}"
+        )
     n, d = features.shape[:2]
+    k = regions.width
     flat = features.to(_accumulation_dtype(features.dtype)).reshape(n, d, -1)
-    key = key.view(n, -1)
+    key = (regions.region_id if key is None else key).view(n, -1)
     # Region id -> position among its image's regions; left-out pixels go to an extra column K.
-    local = torch.where(key >= 0, key - first.unsqueeze(1), torch.full_like(key, k))
+    local = torch.where(key >= 0, key - regions.first.unsqueeze(1), torch.full_like(key, k))
     indicator = flat.new_zeros(n, k + 1, key.shape[1])
     indicator.scatter_(1, local.unsqueeze(1), 1.0)
     indicator = indicator[:, :k]
     sums = torch.bmm(flat, indicator.transpose(1, 2)).transpose(1, 2)  # (N, K, D)
     counts = indicator.sum(dim=2)  # (N, K)
-    sums = sums.reshape(n * k, d)[rows]
-    return sums / counts.reshape(n * k)[rows].clamp(min=1).unsqueeze(1)
+    sums = sums.reshape(n * k, d)[regions.rows]
+    return sums / counts.reshape(n * k)[regions.rows].clamp(min=1).unsqueeze(1)
 
 
 def region_centers(
@@ -155,9 +177,8 @@ def region_centers(
         image_index: (R,) long. Rows are ordered by image, then class.
     """
     _check_labels(features, labels)
-    region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
-    layout = _region_layout(image_index, features.shape[0])
-    return _pool(features, region_id, layout), classes, image_index
+    regions = find_regions(labels, num_classes, ignore_value)
+    return pool_regions(features, regions), regions.classes, regions.image_index
 
 
 def _rank_in_sorted_groups(groups: torch.Tensor) -> torch.Tensor:
@@ -266,14 +287,14 @@ def dynamic_subset_centers(
         raise ValueError(f"samples must be >= 0, got {samples}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
+    regions = find_regions(labels, num_classes, ignore_value)
+    region_id, classes, image_index = regions.region_id, regions.classes, regions.image_index
     num_regions = classes.numel()
     if samples == 0 or num_regions == 0:  # no region (e.g. an all-ignore batch): no subset
         empty = features.new_zeros(0, features.shape[1], dtype=_accumulation_dtype(features.dtype))
         return empty, classes[:0], image_index[:0]
     valid = region_id >= 0
     safe_region = region_id.clamp(min=0)
-    layout = _region_layout(image_index, features.shape[0])
     pooled = []
     for _ in range(samples):  # `samples` is a small constant; pixels and regions stay vectorised
         u = torch.rand(region_id.shape, generator=generator, device=region_id.device)
@@ -284,7 +305,7 @@ def dynamic_subset_centers(
         # subsets that would otherwise be empty.
         keep = valid & ((u < fraction) | (u == region_min[safe_region]))
         key = torch.where(keep, region_id, torch.full_like(region_id, -1))
-        pooled.append(_pool(features, key, layout))
+        pooled.append(pool_regions(features, regions, key))
     centers = torch.stack(pooled, dim=1).reshape(num_regions * samples, features.shape[1])
     return (
         centers,
