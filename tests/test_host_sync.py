@@ -1,0 +1,112 @@
+"""
+After planning, the contrast (pooling, projection, loss, backward) reads no device value on the
+host, so on a GPU its kernels queue behind the network's instead of waiting for them; and the
+meta-architecture plans before the backbone runs.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from region_contrast.loss import plan_region_contrast, region_contrast_loss
+from region_contrast.memory_bank import RegionMemoryBank
+from region_contrast.projection import build_projection_head
+from region_contrast.regions import find_regions, pool_regions
+
+from test_meta_arch import build, make_batch, make_cfg, train_step
+
+NUM_CLASSES = 6
+
+
+def planned_contrast(device, samples_per_class):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, NUM_CLASSES, (3, 12, 12), generator=g)
+    labels[torch.rand(3, 12, 12, generator=g) < 0.1] = 255
+    labels[0, :4] = 255
+    features = torch.randn(3, 8, 12, 12, generator=g).to(device).requires_grad_()
+    bank = RegionMemoryBank(NUM_CLASSES, 10, 8).to(device)
+    rows = F.normalize(torch.randn(40, 8, generator=g), dim=1).to(device)
+    # Class 5 never enters the bank: its anchors have no positives.
+    bank.push(rows, (torch.arange(40) % (NUM_CLASSES - 1)).to(device))
+    torch.manual_seed(0)
+    projector = build_projection_head(8, 8).to(device)
+
+    regions = find_regions(labels.to(device), NUM_CLASSES)
+    memory, memory_classes = bank.sample(samples_per_class, copy=False)
+    plan = plan_region_contrast(regions.classes, memory, memory_classes)
+
+    def run():
+        centers = pool_regions(features, regions)
+        anchors = F.normalize(projector(centers), dim=1)
+        loss, stats = region_contrast_loss(anchors, regions.classes, memory, memory_classes, 0.1,
+                                           plan=plan, return_stats=True)
+        loss.backward()
+        return loss, stats
+
+    def unplanned():
+        centers = pool_regions(features, regions)
+        anchors = F.normalize(projector(centers), dim=1)
+        return region_contrast_loss(anchors, regions.classes, memory, memory_classes, 0.1)
+
+    return run, unplanned
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch):
+    """Python-level host reads of tensor values raise inside the block."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    with monkeypatch.context() as m:
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+            m.setattr(torch.Tensor, name, refuse)
+        yield
+
+
+@pytest.mark.parametrize("samples_per_class", [0, 3])
+def test_planned_contrast_reads_nothing_on_the_host(monkeypatch, samples_per_class):
+    run, unplanned = planned_contrast("cpu", samples_per_class)
+    with no_host_reads(monkeypatch):
+        loss, _ = run()
+    # The planned loss is the unplanned one, and the check above does catch a host read.
+    torch.testing.assert_close(loss, unplanned(), rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="host"), no_host_reads(monkeypatch):
+        unplanned()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("samples_per_class", [0, 3])
+def test_planned_contrast_never_synchronizes_cuda(samples_per_class):
+    run, unplanned = planned_contrast("cuda", samples_per_class)
+    run()  # first call: lazy CUDA initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(loss, unplanned(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["v3plus", "v3"])
+def test_training_step_plans_once_before_the_backbone(monkeypatch, head):
+    cfg = make_cfg()
+    if head == "v3":
+        cfg.MODEL.SEM_SEG_HEAD.NAME = "RegionContrastDeepLabV3Head"
+        cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
+        cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 32
+        cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    model = build(cfg)
+    events = []
+    prepare, backbone_forward = model._prepare, model.backbone.forward
+    monkeypatch.setattr(model, "_prepare",
+                        lambda *a, **k: events.append("prepare") or prepare(*a, **k))
+    monkeypatch.setattr(model.backbone, "forward",
+                        lambda *a, **k: events.append("backbone") or backbone_forward(*a, **k))
+    for it in range(2):  # the second step has a bank to contrast with
+        losses, _ = train_step(model, make_batch(it), it=200 + it)
+    # Planned from the labels at the embedding's resolution (the head's stride), so the contrast
+    # did not have to plan again after the forward.
+    assert events == ["prepare", "backbone"] * 2
+    assert float(losses["loss_contrast"]) > 0
