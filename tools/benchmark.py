@@ -35,6 +35,7 @@ Usage:
     python tools/benchmark.py --device cuda        # GPU: full crop, AMP, adds part 5
 """
 import argparse
+import copy
 import datetime
 import json
 import math
@@ -251,6 +252,11 @@ def machine_info(device):
             cuda_version=torch.version.cuda,
             cudnn_version=torch.backends.cudnn.version(),
             gpu_memory_bytes=props.total_memory,
+            # TF32 matmuls round fp32 inputs to 10 mantissa bits: gradients then agree with a
+            # float64 evaluation to ~1e-3, not ~1e-6.
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            tf32_override_env=os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"),
         )
     return info
 
@@ -486,29 +492,34 @@ def _instrument(rc):
     """Names the RC-only forward work of ``rc`` for the profiler; returns an undo function."""
     from torch.profiler import record_function
 
-    contrast, push = rc._contrast, rc.memory_bank.push
+    contrast, push, prepare = rc._contrast, rc.memory_bank.push, rc._prepare
 
     def timed_contrast(*a, **k):
         with record_function("rc::contrast_forward"):
             return contrast(*a, **k)
 
+    def timed_prepare(*a, **k):
+        with record_function("rc::contrast_prepare"):
+            return prepare(*a, **k)
+
     def timed_push(*a, **k):
         with record_function("rc::bank_push"):
             return push(*a, **k)
 
-    rc._contrast, rc.memory_bank.push = timed_contrast, timed_push
+    rc._contrast, rc.memory_bank.push, rc._prepare = timed_contrast, timed_push, timed_prepare
 
     def undo():
         del rc._contrast
         del rc.memory_bank.push
+        del rc._prepare
 
     return undo
 
 
 def rc_breakdown(prof, projector_params, total_params):
     """
-    Where the RC step's extra time goes, from one profiled RC step: the contrast forward
-    (pooling, projection, bank read, loss), the bank push, and the backward nodes that only RC
+    Where the RC step's extra time goes, from one profiled RC step: the contrast's preparation
+    (regions, bank read, loss plan), its forward (pooling, projection, loss), the bank push, and the backward nodes that only RC
     has (loss, pooling's index_add, projection head and normalisation), plus the projector's
     share of the optimizer step. CPU only (on CUDA these are launch times, not GPU times).
     """
@@ -520,6 +531,8 @@ def rc_breakdown(prof, projector_params, total_params):
         return None
     optimizer = sum(v for k, v in totals.items() if k.startswith("Optimizer.step#"))
     parts_us = {
+        # Regions, bank read and the loss's plan, found before the backbone runs.
+        "contrast_prepare": totals.get("rc::contrast_prepare", 0.0),
         "contrast_forward": totals.get("rc::contrast_forward", 0.0),
         "bank_push": totals.get("rc::bank_push", 0.0),
         "loss_backward": totals.get("_RegionContrastLossBackward", 0.0),
@@ -863,6 +876,15 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
     mem_naive = peak_step_bytes(agreement_pass("naive", naive_loss), device)
     (lf, cf, gf, gpf), (ln, cn, gn, gpn) = got["fast"], got["naive"]
 
+    # The same computation in float64 (fast path, a float64 copy of the projector): the ground
+    # truth that says which of two disagreeing float32 results is off.
+    features64 = features.detach().double().requires_grad_(True)
+    projector64 = copy.deepcopy(projector).double()
+    centers64, classes64, _ = region_centers(features64, labels, num_classes)
+    emb64 = F.normalize(projector64(centers64), dim=1)
+    region_contrast_loss(emb64, classes64, memory[0].double(), memory[1], t).backward()
+    g64 = features64.grad
+
     def rel_err(a, b):
         return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
@@ -879,6 +901,8 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
         "feature_grad_rel_err": rel_err(gf, gn),
         "projector_grad_rel_err": max(rel_err(a, b) for a, b in zip(gpf, gpn)),
         "projector_grad_allclose": all(close(a, b) for a, b in zip(gpf, gpn)),
+        "feature_grad_rel_err_fast_vs_float64": rel_err(gf.double(), g64),
+        "feature_grad_rel_err_naive_vs_float64": rel_err(gn.double(), g64),
     }
     agreement["agree"] = all(v for k, v in agreement.items() if k.endswith(("allclose", "regions")))
 
