@@ -904,7 +904,16 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
         "feature_grad_rel_err_fast_vs_float64": rel_err(gf.double(), g64),
         "feature_grad_rel_err_naive_vs_float64": rel_err(gn.double(), g64),
     }
-    agreement["agree"] = all(v for k, v in agreement.items() if k.endswith(("allclose", "regions")))
+    # The fast path must match float64 to float32 rounding. The naive float32 loops are only
+    # required to be within 1%: on CUDA (H200) their feature gradient drifted 1e-3 to 8e-3 from
+    # float64 at 19 classes while the fast path stayed at 1e-6, so fast-vs-naive alone would
+    # blame the wrong side.
+    agreement["fast_matches_float64"] = agreement["feature_grad_rel_err_fast_vs_float64"] <= 1e-4
+    agreement["agree"] = bool(
+        agreement["same_regions"] and agreement["loss_allclose"]
+        and agreement["fast_matches_float64"]
+        and agreement["feature_grad_rel_err_naive_vs_float64"] <= 1e-2
+    )
 
     t_fast, t_naive = interleave(fast, naive, warmup, repeats, device)
     fast_s, naive_s = summarize(t_fast), summarize(t_naive)

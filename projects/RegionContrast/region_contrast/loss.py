@@ -29,6 +29,7 @@ Pure tensor code: no config, no Detectron2, no I/O.
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["ContrastPlan", "plan_region_contrast", "region_contrast_loss"]
 
@@ -44,11 +45,12 @@ class ContrastPlan(NamedTuple):
 
     memory: torch.Tensor  # (M, D) the memory, each class's rows contiguous, classes ascending
     memory_classes: torch.Tensor  # (M,) long
-    start: torch.Tensor  # (A,) first column of each anchor's positives
-    num_pos: torch.Tensor  # (A,) number of positives (0 for a class absent from the memory)
+    cols: torch.Tensor  # (A, W) columns of each anchor's positives, W the most of one anchor
+    pad: torch.Tensor  # (A, W) bool: padding past the anchor's positives (repeats a column)
+    count: torch.Tensor  # (A,) positives of each anchor, at least 1 (an average's divisor)
     valid: torch.Tensor  # (A,) bool: at least one positive and one negative
     num_valid: torch.Tensor  # () long
-    width: int  # the most positives of one anchor
+    num_pairs: torch.Tensor  # () long, anchor-positive pairs
 
 
 def plan_region_contrast(
@@ -74,11 +76,19 @@ def plan_region_contrast(
         start = first[at]
     valid = (num_pos > 0) & (num_pos < memory_classes.numel())
     width = int(num_pos.max()) if num_pos.numel() else 0
-    return ContrastPlan(memory, memory_classes, start, num_pos, valid, valid.sum(), width)
+    offsets = torch.arange(width, device=memory.device)
+    pad = offsets >= num_pos.unsqueeze(1)
+    # Padding repeats the span's first column, a positive (a row without positives is invalid),
+    # so the loss's writes through `cols` touch positive columns only.
+    cols = start.unsqueeze(1) + offsets.masked_fill(pad, 0)
+    return ContrastPlan(memory, memory_classes, cols, pad, num_pos.clamp(min=1), valid,
+                        valid.sum(), num_pos.sum())
 
 
 def _softplus(x):
     """log(1 + e^x), exact in float32 and float64. F.softplus is a scalar loop on the CPU."""
+    if x.is_cuda:  # one kernel there
+        return F.softplus(x)
     y = torch.exp(x.clamp(max=20.0))
     u = 1.0 + y
     # Kahan's log1p: the rounding of 1 + y cancels in log(u) * y / (u - 1); y where u rounds to 1.
@@ -87,7 +97,7 @@ def _softplus(x):
     return torch.where(x > 20.0, x + torch.exp(-x), small)
 
 
-def _chunk(scaled, start, num_pos, valid, width, memory, temperature, with_grad):
+def _chunk(scaled, cols, pad, count, valid, memory, temperature, with_grad):
     """
     Loss terms of a chunk of anchors (already divided by t), and optionally the gradient of
     their sum with respect to the anchors.
@@ -97,38 +107,34 @@ def _chunk(scaled, start, num_pos, valid, width, memory, temperature, with_grad)
 
     Returns (sum of valid per-anchor losses, sum of positive logits, sum of all logits, grad).
     """
-    offsets = torch.arange(width, device=scaled.device)
-    is_pos = offsets < num_pos.unsqueeze(1)  # (a, width)
-    # Padding repeats the span's first column, a positive (a row without positives is invalid),
-    # so the writes through `cols` below touch positive columns only.
-    cols = start.unsqueeze(1) + torch.where(is_pos, offsets, 0)
     logits = scaled @ memory.t()
     logit_sum = logits.sum()
     pos_logits = logits.gather(1, cols)
-    pos_sum = torch.where(is_pos, pos_logits, 0.0).sum()
+    pos_sum = pos_logits.masked_fill(pad, 0.0).sum()
+    # l = +inf on padding makes x = -inf there: its softplus and sigmoid are exactly 0.
+    pos_logits.masked_fill_(pad, float("inf"))
 
-    # Shifted by the negatives' max, their exps sum to >= 1: L never under- or overflows.
+    # Shifted by the negatives' max, their exps sum to >= 1: L never under- or overflows. A row
+    # without negatives (max -inf) gets a finite stand-in; its exps are all 0.
     logits.scatter_(1, cols, float("-inf"))
-    shift = logits.amax(dim=1)
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)  # a row without negatives
+    shift = logits.amax(dim=1).clamp_(min=torch.finfo(logits.dtype).min)
     neg = logits.sub_(shift.unsqueeze(1)).exp_()  # positives are exp(-inf) = 0
     neg_sum = neg.sum(dim=1)
-    log_neg = torch.log(neg_sum) + shift  # -inf without negatives: such rows are invalid
-
-    x = log_neg.unsqueeze(1) - pos_logits
-    count = num_pos.clamp(min=1).to(scaled.dtype)
-    per_anchor = torch.where(is_pos, _softplus(x), 0.0).sum(dim=1) / count
-    loss_sum = torch.where(valid, per_anchor, 0.0).sum()
+    # L = -inf without negatives, so x = -inf and every term of such a row is 0.
+    x = (torch.log(neg_sum) + shift).unsqueeze(1) - pos_logits
+    count = count.to(scaled.dtype)
+    valid = valid.to(scaled.dtype)
+    loss_sum = (_softplus(x).sum(dim=1) / count * valid).sum()
     if not with_grad:
         return loss_sum, pos_sum, logit_sum, None
 
-    pos_weight = torch.where(is_pos, torch.sigmoid(x), 0.0) / count.unsqueeze(1)
-    row_scale = valid.to(scaled.dtype) / temperature
-    # e^(l_n - L) = neg_n / neg_sum; invalid rows (neg_sum may be 0) get weight 0.
-    neg_scale = torch.where(valid, pos_weight.sum(dim=1) / neg_sum * row_scale, 0.0)
+    pos_weight = torch.sigmoid(x) / count.unsqueeze(1)
+    row_scale = valid / temperature
+    # e^(l_n - L) = neg_n / neg_sum, and neg_sum >= 1 on valid rows (0 without negatives).
+    neg_scale = pos_weight.sum(dim=1) / neg_sum.clamp(min=1.0) * row_scale
     weight = neg.mul_(neg_scale.unsqueeze(1))
     # Positive columns hold 0; padding entries add 0 to a positive column.
-    weight.scatter_add_(1, cols, pos_weight * -row_scale.unsqueeze(1))
+    weight.scatter_add_(1, cols, pos_weight * (-row_scale).unsqueeze(1))
     return loss_sum, pos_sum, logit_sum, weight @ memory
 
 
@@ -142,40 +148,40 @@ class _RegionContrastLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, memory, plan, temperature, max_elements):
-        start, num_pos, valid, num_valid, width = plan[2:]
-        chunk = _chunk_rows(anchors.shape[0], memory.shape[0], max_elements)
+        num_anchors = anchors.shape[0]
+        chunk = _chunk_rows(num_anchors, memory.shape[0], max_elements)
         scaled = anchors / temperature
         with_grad = ctx.needs_input_grad[0]
-        grad = torch.empty_like(anchors) if with_grad else None
-        total = anchors.new_zeros(())
-        pos_sum = anchors.new_zeros(())
-        logit_sum = anchors.new_zeros(())
-        for lo in range(0, anchors.shape[0], chunk):
-            part = slice(lo, lo + chunk)
-            terms = _chunk(scaled[part], start[part], num_pos[part], valid[part], width, memory,
-                           temperature, with_grad)
-            total += terms[0]
-            pos_sum += terms[1]
-            logit_sum += terms[2]
-            if with_grad:
-                grad[part] = terms[3]
-        denominator = num_valid.clamp(min=1).to(total.dtype)
+        per_anchor = (plan.cols, plan.pad, plan.count, plan.valid)
+        if chunk >= num_anchors:  # the usual case: no slices, no accumulation
+            total, pos_sum, logit_sum, grad = _chunk(
+                scaled, *per_anchor, memory, temperature, with_grad
+            )
+        else:
+            parts = [
+                _chunk(scaled[lo : lo + chunk], *(t[lo : lo + chunk] for t in per_anchor),
+                       memory, temperature, with_grad)
+                for lo in range(0, num_anchors, chunk)
+            ]
+            total, pos_sum, logit_sum = (torch.stack(v).sum() for v in list(zip(*parts))[:3])
+            grad = torch.cat([p[3] for p in parts]) if with_grad else None
+        denominator = plan.num_valid.clamp(min=1).to(total.dtype)
         loss = total / denominator
         # Sums and counts of positive / negative cosines, for logging.
-        num_pairs = num_pos.sum().to(total.dtype)
+        num_pairs = plan.num_pairs.to(total.dtype)
         stats = torch.stack(
             [
                 pos_sum * temperature,
                 num_pairs,
                 (logit_sum - pos_sum) * temperature,
-                anchors.shape[0] * memory.shape[0] - num_pairs,
+                num_anchors * memory.shape[0] - num_pairs,
             ]
         )
         if with_grad:
             grad /= denominator
             ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(num_valid, stats)
-        return loss, num_valid, stats
+        ctx.mark_non_differentiable(plan.num_valid, stats)
+        return loss, plan.num_valid, stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -242,14 +248,15 @@ def region_contrast_loss(
         else:
             if plan is None:
                 plan = plan_region_contrast(anchor_classes, memory.detach(), memory_classes)
-            elif plan.start.shape[0] != a.shape[0] or plan.memory.shape != memory.shape:
+            elif plan.cols.shape[0] != a.shape[0] or plan.memory.shape != memory.shape:
                 raise ValueError(
-                    f"the plan was made for {plan.start.shape[0]} anchors and a memory of "
+                    f"the plan was made for {plan.cols.shape[0]} anchors and a memory of "
                     f"{tuple(plan.memory.shape)}, got {a.shape[0]} and {tuple(memory.shape)}"
                 )
             m = plan.memory.detach().to(device=a.device, dtype=dtype)
-            plan = plan._replace(**{k: getattr(plan, k).to(a.device)
-                                    for k in ("start", "num_pos", "valid", "num_valid")})
+            if plan.cols.device != a.device:
+                plan = plan._replace(**{k: getattr(plan, k).to(a.device) for k in
+                                        ("cols", "pad", "count", "valid", "num_valid", "num_pairs")})
             loss, num_valid, sums = _RegionContrastLoss.apply(
                 a, m, plan, float(temperature), int(max_elements)
             )
