@@ -552,7 +552,10 @@ def rc_breakdown(prof, projector_params, total_params):
         "ratio_estimate": 1.0 / (1.0 - share) if share < 1 else None,
         "method": ("torch.profiler on one RC step (the memory-profiled one): CPU time in RC-only "
                    "ranges and autograd nodes; ratio_estimate = step / (step - RC-only time). "
-                   "Insensitive to load drift between steps, unlike the A/B ratio"),
+                   "A breakdown, not the target: the profiler adds a cost per operator, which "
+                   "weighs more on the contrast's many small operators than on the network's "
+                   "large ones, so the estimate runs high (the target is the interleaved A/B "
+                   "median)"),
     }
 
 
@@ -1176,7 +1179,7 @@ def main(argv=None):
             city_crop, city_batch = (256, 512), args.cpu_city_batch
         plans = [
             ("DigitScenes", digit_cfg, digit_src, digit_crop, digit_batch, digit_scenes_batch,
-             False, 2, reps or 24, reps or 20),
+             False, 2, reps or 40, reps or 20),
             ("Cityscapes", city_cfg, city_src, city_crop, city_batch, street_batch, cuda,
              2 if cuda else 1, reps or (10 if cuda else 2), reps or (10 if cuda else 2)),
         ]
@@ -1287,12 +1290,6 @@ def main(argv=None):
     report["targets"] = {
         "digitscenes_train_ratio<=1.03": {"value": round(digit["ratio_median"], 4),
                                           "met": digit["ratio_median"] <= 1.03},
-        "digitscenes_train_ratio<=1.03_profiled_estimate": {
-            "value": (round(digit["profiled_breakdown"]["ratio_estimate"], 4)
-                      if digit.get("profiled_breakdown") else None),
-            # None where not measured (CUDA: CPU-side times say nothing of GPU time).
-            "met": (digit["profiled_breakdown"]["ratio_estimate"] <= 1.03
-                    if digit.get("profiled_breakdown") else None)},
         "inference_ratio==1.00_within_noise": {
             "value": [round(i["ratio_median"], 4) for i in report["inference"]],
             "met": infer_ok},
