@@ -104,7 +104,31 @@ def compare(times_rc, times_base):
         "overhead_ms": 1000.0 * (rc["median"] - base["median"]),
         # Relative spread of the baseline alone: the noise floor of this measurement.
         "baseline_spread": (base["max"] - base["min"]) / base["median"],
+        "rc_times_s": list(times_rc),
+        "baseline_times_s": list(times_base),
     }
+
+
+def bench_recipe_blocks(blocks, *args, **kwargs):
+    """
+    :func:`bench_recipe` ``blocks`` times, each with freshly built models. On a shared 2-core
+    machine the median of one block of pairs moved between 1.00 and 1.05 for the same code, more
+    than the RC cost itself; the pooled pairs of several blocks, with each block's median next
+    to them, show both the estimate and its spread. Inference and breakdown: the first block.
+    """
+    runs = [bench_recipe(*args, **kwargs) for _ in range(blocks)]
+    if blocks == 1:
+        return runs[0]
+    train, infer = runs[0]
+    pooled = compare([t for r, _ in runs for t in r["rc_times_s"]],
+                     [t for r, _ in runs for t in r["baseline_times_s"]])
+    pooled["blocks"] = [{"ratio_median": r["ratio_median"], "overhead_ms": r["overhead_ms"]}
+                        for r, _ in runs]
+    pooled["images_per_s"] = {
+        "rc": train["batch"] / pooled["rc_s"]["median"],
+        "baseline": train["batch"] / pooled["baseline_s"]["median"],
+    }
+    return {**train, **pooled}, infer
 
 
 def _sync(device):
@@ -519,9 +543,9 @@ def _instrument(rc):
 def rc_breakdown(prof, projector_params, total_params):
     """
     Where the RC step's extra time goes, from one profiled RC step: the contrast's preparation
-    (regions, bank read, loss plan), its forward (pooling, projection, loss), the bank push, and the backward nodes that only RC
-    has (loss, pooling's index_add, projection head and normalisation), plus the projector's
-    share of the optimizer step. CPU only (on CUDA these are launch times, not GPU times).
+    (regions, bank read, loss plan), its forward (pooling, projection, loss), the bank push, and
+    the backward nodes that only RC has (loss, pooling's batched matmul and row gather,
+    projection head and normalisation), plus the projector's share of the optimizer step. CPU only (on CUDA these are launch times, not GPU times).
     """
     totals = {}
     for e in prof.key_averages():
@@ -1050,13 +1074,17 @@ def format_report(r):
             " "
             f"{_mib(mem['persistent_extra_bytes']):>14}")
     for t in r["train_step"]:
+        if t.get("blocks"):
+            lines.append(f"   {t['recipe']}: {len(t['rc_times_s'])} pairs pooled from "
+                         f"{len(t['blocks'])} blocks (fresh models each); block medians "
+                         + ", ".join(f"{b['ratio_median']:.3f}" for b in t["blocks"]))
+    for t in r["train_step"]:
         b = t.get("profiled_breakdown")
         if b:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in b["rc_only_ms"].items())
             lines.append(f"   {t['recipe']}: profiled RC-only time {b['rc_only_total_ms']:.1f} ms "
-                         f"of "
-                         f"{b['step_ms']:.1f} ms ({100 * b['rc_share_of_step']:.1f}%, ratio "
-                         f"estimate {b['ratio_estimate']:.3f}): {parts}")
+                         f"of {b['step_ms']:.1f} ms under torch.profiler (over-counts small "
+                         f"operators; {100 * b['rc_share_of_step']:.1f}%): {parts}")
     lines.append("")
     lines.append("2. inference (eval forward), RC vs baseline [ms median]")
     for t in r["inference"]:
@@ -1179,7 +1207,7 @@ def main(argv=None):
             city_crop, city_batch = (256, 512), args.cpu_city_batch
         plans = [
             ("DigitScenes", digit_cfg, digit_src, digit_crop, digit_batch, digit_scenes_batch,
-             False, 2, reps or 40, reps or 20),
+             False, 2, reps or 30, reps or 20),
             ("Cityscapes", city_cfg, city_src, city_crop, city_batch, street_batch, cuda,
              2 if cuda else 1, reps or (10 if cuda else 2), reps or (10 if cuda else 2)),
         ]
@@ -1188,9 +1216,12 @@ def main(argv=None):
         load_samples.append(load_sample(started, "part1+2 " + str(name)))
         print(f"[{time.time() - started:6.1f}s] part 1+2: {name} {batch} x {crop} ...",
               flush=True)
-        train, infer = bench_recipe(name, cfg, src, device, crop=crop, batch_size=batch,
-                                    make_batch=maker, amp=amp, warmup=warm, repeats=rep,
-                                    infer_repeats=irep, seed=args.seed)
+        # The DigitScenes ratio is a target within a few percent: measured in several blocks.
+        blocks = 3 if name == "DigitScenes" and not quick else 1
+        train, infer = bench_recipe_blocks(blocks, name, cfg, src, device, crop=crop,
+                                           batch_size=batch, make_batch=maker, amp=amp,
+                                           warmup=warm, repeats=rep, infer_repeats=irep,
+                                           seed=args.seed)
         report["train_step"].append(train)
         report["inference"].append(infer)
 
