@@ -110,3 +110,70 @@ def test_training_step_plans_once_before_the_backbone(monkeypatch, head):
     # did not have to plan again after the forward.
     assert events == ["prepare", "backbone"] * 2
     assert float(losses["loss_contrast"]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_side_stream_preparation_trains_like_the_current_stream():
+    cfg = make_cfg()
+    cfg.MODEL.DEVICE = "cuda"
+    runs = []
+    for side in (True, False):
+        model = build(cfg)
+        model.plan_on_side_stream = side
+        for it in range(3):
+            losses, _ = train_step(model, make_batch(it), it=200 + it)
+        runs.append(({k: v.detach() for k, v in losses.items()},
+                     model.memory_bank.state_dict()))
+    (losses_side, bank_side), (losses_main, bank_main) = runs
+    assert float(losses_side["loss_contrast"]) > 0
+    for key in losses_main:
+        torch.testing.assert_close(losses_side[key], losses_main[key], rtol=1e-5, atol=1e-6)
+    for key in bank_main:
+        torch.testing.assert_close(bank_side[key], bank_main[key], rtol=1e-5, atol=1e-6)
+
+
+def _meta_arch_contrast_inputs(device):
+    from detectron2.structures import ImageList
+
+    cfg = make_cfg()
+    cfg.MODEL.DEVICE = device
+    model = build(cfg)
+    model.train()
+    for it in range(2):  # fill the bank a little
+        train_step(model, make_batch(it), it=200 + it)
+    batch = make_batch(5)
+    images = ImageList.from_tensors(
+        [(x["image"].to(device) - model.pixel_mean) / model.pixel_std for x in batch],
+        model.backbone.size_divisibility).tensor
+    targets = ImageList.from_tensors([x["sem_seg"].to(device) for x in batch],
+                                     model.backbone.size_divisibility, 255).tensor
+    logits, embedding = model.sem_seg_head.forward_features(model.backbone(images))
+    prepared = model._prepare(targets, embedding.shape[-2:])
+    return model, (embedding, logits, targets, prepared)
+
+
+def test_meta_arch_contrast_after_preparation_reads_nothing_on_the_host(monkeypatch):
+    from detectron2.utils.events import EventStorage
+
+    model, inputs = _meta_arch_contrast_inputs("cpu")
+    with EventStorage(300), no_host_reads(monkeypatch):
+        loss, rows, classes, stats = model._contrast(*inputs)
+        loss.backward()
+    assert float(loss) > 0 and rows.shape[0] == classes.shape[0] > 0
+    assert set(stats) >= {"pos_cos", "neg_cos"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_meta_arch_contrast_after_preparation_never_synchronizes_cuda():
+    from detectron2.utils.events import EventStorage
+
+    model, inputs = _meta_arch_contrast_inputs("cuda")
+    torch.cuda.synchronize()
+    with EventStorage(300):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, _, _, _ = model._contrast(*inputs)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert float(loss) > 0

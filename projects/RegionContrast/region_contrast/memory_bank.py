@@ -151,11 +151,14 @@ class RegionMemoryBank(nn.Module):
         per_class = torch.bincount(cls, minlength=self.num_classes)
         first = torch.cumsum(per_class, 0) - per_class
         rank = torch.arange(n, device=cls.device) - first[cls]
-        # Only the last `size` rows of a class survive; their slots are distinct, so the single
-        # index_put_ has no duplicate indices and is deterministic.
-        keep = rank >= per_class[cls] - self.size
         slot = (self.ptr[cls] + rank) % self.size
-        self.features.index_put_((cls[keep], slot[keep]), stored[keep])
+        if n > self.size:
+            # Only the last `size` rows of a class survive; their slots are distinct, so the
+            # single index_put_ has no duplicate indices and is deterministic. (With at most
+            # `size` rows all survive: no boolean mask, whose size the host would have to read.)
+            keep = rank >= per_class[cls] - self.size
+            cls, slot, stored = cls[keep], slot[keep], stored[keep]
+        self.features.index_put_((cls, slot), stored)
         self.ptr.copy_((self.ptr + per_class) % self.size)
         self.count.copy_(torch.clamp(self.count + per_class, max=self.size))
 

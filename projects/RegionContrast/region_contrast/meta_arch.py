@@ -6,6 +6,7 @@ This is the only module that knows training from evaluation. Evaluation, and tra
 evaluation can be asked to slide a window over the image (``TEST.SLIDING_WINDOW``).
 """
 import logging
+import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -35,6 +36,31 @@ __all__ = ["RegionContrastSegmentor"]
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _event_storage():
+    try:
+        return get_event_storage()
+    except AssertionError:  # called outside a trainer: no schedule, no logging
+        return None
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, tuple):
+        for item in obj:
+            yield from _tensors(item)
+
+
+def _hand_over(prepared, stream):
+    """Makes the current stream wait for ``stream`` and owns ``prepared``'s tensors there."""
+    current = torch.cuda.current_stream(stream.device)
+    current.wait_stream(stream)
+    # Made on `stream`, used on `current`: the allocator must not recycle them for `stream`
+    # before `current` is done with them.
+    for tensor in _tensors(prepared):
+        tensor.record_stream(current)
 
 
 class _Prepared(NamedTuple):
@@ -178,6 +204,9 @@ class RegionContrastSegmentor(SemanticSegmentor):
         self.window_size = None if window_size is None else tuple(window_size)
         self.window_stride = None if window_stride is None else tuple(window_stride)
         self.window_batch_size = window_batch_size
+        # CUDA only: False prepares the contrast on the current stream (the tests compare both).
+        self.plan_on_side_stream = True
+        self._plan_stream = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -243,28 +272,50 @@ class RegionContrastSegmentor(SemanticSegmentor):
         ).tensor
 
         # Every host read of device values that the contrast needs (region counts, the bank's
-        # classes) happens here, before the network's forward is queued: on a GPU, the small
-        # contrast kernels then queue behind the network's instead of waiting for it.
+        # classes) happens in _prepare, before the contrast runs. On a GPU it runs on a side
+        # stream while the backbone's kernels run on the main one: its host reads wait only for
+        # its own small kernels, and the contrast's kernels queue behind the network's.
         prepared = None
         stride = getattr(self.sem_seg_head, "embedding_stride", None)
-        if self.region_source == "gt" and stride:
-            height, width = images.tensor.shape[-2:]
-            prepared = self._prepare(targets, (height // stride, width // stride))
-
+        early = bool(self.region_source == "gt" and stride)
+        if early:
+            size = (images.tensor.shape[-2] // stride, images.tensor.shape[-1] // stride)
+        side = self._side_stream() if early else None
+        if early and side is None:
+            prepared = self._prepare(targets, size)
         features = self.backbone(images.tensor)
+        if side is not None:
+            with torch.cuda.stream(side):
+                prepared = self._prepare(targets, size)
+            _hand_over(prepared, side)
         logits, embedding = self.sem_seg_head.forward_features(features)
-        contrast_loss, bank_rows, bank_classes = self._contrast(
+        contrast_loss, bank_rows, bank_classes, stats = self._contrast(
             embedding, logits, targets, prepared
         )
         losses = self.sem_seg_head.losses(logits, targets)
         losses["loss_contrast"] = contrast_loss
 
+        # One host read for the finiteness check and the logged statistics (each read waits for
+        # the GPU to finish everything queued before it).
+        bank = self.memory_bank
+        total, pos_cos, neg_cos, filled = torch.stack([
+            sum(losses.values()).detach().float(), stats["pos_cos"].float(),
+            stats["neg_cos"].float(), bank.count.sum().to(stats["pos_cos"].device).float(),
+        ]).tolist()
+        storage = _event_storage()
+        if storage is not None:
+            storage.put_scalars(
+                region_contrast_bank_fill=filled / (bank.num_classes * bank.size),
+                region_contrast_pos_cos=pos_cos,
+                region_contrast_neg_cos=neg_cos,
+                smoothing_hint=False,
+            )
         # Push after the loss, and nothing from a step whose loss is not finite: Detectron2
         # raises FloatingPointError right after, and the bank must stay clean. Every rank still
         # joins the bank's all-gather (with no rows) so that none of them hangs.
-        if not torch.isfinite(sum(losses.values())):
+        if not math.isfinite(total):
             bank_rows, bank_classes = bank_rows[:0], bank_classes[:0]
-        self.memory_bank.push(bank_rows, bank_classes)
+        bank.push(bank_rows, bank_classes)
         return losses
 
     def sliding_window_inference(self, batched_inputs):
@@ -299,6 +350,17 @@ class RegionContrastSegmentor(SemanticSegmentor):
             x = self.projector(x)
         return F.normalize(x, dim=1)
 
+    def _side_stream(self):
+        """The stream ``_prepare`` runs on, after all work queued so far; None off CUDA."""
+        if self.device.type != "cuda" or not self.plan_on_side_stream:
+            return None
+        if self._plan_stream is None or self._plan_stream[0] != self.device:
+            self._plan_stream = (self.device, torch.cuda.Stream(device=self.device))
+        stream = self._plan_stream[1]
+        # The targets and the last push into the bank are queued on the current stream.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        return stream
+
     def _prepare(self, targets, size, pred=None):
         """Labels at ``size``, their regions, the bank read for this step and the loss's plan."""
         ignore = self.sem_seg_head.ignore_value
@@ -314,7 +376,10 @@ class RegionContrastSegmentor(SemanticSegmentor):
         return _Prepared(labels, regions, memory, memory_classes, plan)
 
     def _contrast(self, embedding, logits, targets, prepared=None):
-        """Returns (weighted contrastive loss, rows to push, their classes)."""
+        """
+        Returns (weighted contrastive loss, rows to push, their classes, the loss's statistics);
+        reads no device value on the host when ``prepared`` fits the embedding.
+        """
         ignore = self.sem_seg_head.ignore_value
         # The contrast runs in float32 whatever autocast does around it: dot products over
         # hundreds of dims divided by t = 0.1 overflow fp16.
@@ -352,21 +417,11 @@ class RegionContrastSegmentor(SemanticSegmentor):
                     bank_classes = torch.cat([bank_classes, extra_classes])
 
         weight = self.loss_weight
-        try:
-            storage = get_event_storage()
-        except AssertionError:  # called outside a trainer: no schedule, no logging
-            storage = None
-        if storage is not None:
-            if storage.iter < self.warmup_iters:
-                # Weight 0 rather than skipping: every parameter stays in the graph for DDP.
-                weight = 0.0
-            storage.put_scalars(
-                region_contrast_bank_fill=self.memory_bank.fill_fraction(),
-                region_contrast_pos_cos=float(stats["pos_cos"]),
-                region_contrast_neg_cos=float(stats["neg_cos"]),
-                smoothing_hint=False,
-            )
-        return loss * weight, bank_rows, bank_classes
+        storage = _event_storage()
+        if storage is not None and storage.iter < self.warmup_iters:
+            # Weight 0 rather than skipping: every parameter stays in the graph for DDP.
+            weight = 0.0
+        return loss * weight, bank_rows, bank_classes, stats
 
     def _pixel_anchors(self, embedding, regions, labels, pred):
         """Up to ``pixels_per_region`` pixel embeddings per region, half hard when possible."""
