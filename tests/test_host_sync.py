@@ -112,26 +112,6 @@ def test_training_step_plans_once_before_the_backbone(monkeypatch, head):
     assert float(losses["loss_contrast"]) > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_side_stream_preparation_trains_like_the_current_stream():
-    cfg = make_cfg()
-    cfg.MODEL.DEVICE = "cuda"
-    runs = []
-    for side in (True, False):
-        model = build(cfg)
-        model.plan_on_side_stream = side
-        for it in range(3):
-            losses, _ = train_step(model, make_batch(it), it=200 + it)
-        runs.append(({k: v.detach() for k, v in losses.items()},
-                     model.memory_bank.state_dict()))
-    (losses_side, bank_side), (losses_main, bank_main) = runs
-    assert float(losses_side["loss_contrast"]) > 0
-    for key in losses_main:
-        torch.testing.assert_close(losses_side[key], losses_main[key], rtol=1e-5, atol=1e-6)
-    for key in bank_main:
-        torch.testing.assert_close(bank_side[key], bank_main[key], rtol=1e-5, atol=1e-6)
-
-
 def _meta_arch_contrast_inputs(device):
     from detectron2.structures import ImageList
 

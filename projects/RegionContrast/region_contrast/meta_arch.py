@@ -45,24 +45,6 @@ def _event_storage():
         return None
 
 
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, tuple):
-        for item in obj:
-            yield from _tensors(item)
-
-
-def _hand_over(prepared, stream):
-    """Makes the current stream wait for ``stream`` and owns ``prepared``'s tensors there."""
-    current = torch.cuda.current_stream(stream.device)
-    current.wait_stream(stream)
-    # Made on `stream`, used on `current`: the allocator must not recycle them for `stream`
-    # before `current` is done with them.
-    for tensor in _tensors(prepared):
-        tensor.record_stream(current)
-
-
 class _Prepared(NamedTuple):
     """A step's regions and bank read, found before the contrast runs (:meth:`_prepare`)."""
 
@@ -204,9 +186,6 @@ class RegionContrastSegmentor(SemanticSegmentor):
         self.window_size = None if window_size is None else tuple(window_size)
         self.window_stride = None if window_stride is None else tuple(window_stride)
         self.window_batch_size = window_batch_size
-        # CUDA only: False prepares the contrast on the current stream (the tests compare both).
-        self.plan_on_side_stream = True
-        self._plan_stream = None
 
     @classmethod
     def from_config(cls, cfg):
@@ -272,22 +251,14 @@ class RegionContrastSegmentor(SemanticSegmentor):
         ).tensor
 
         # Every host read of device values that the contrast needs (region counts, the bank's
-        # classes) happens in _prepare, before the contrast runs. On a GPU it runs on a side
-        # stream while the backbone's kernels run on the main one: its host reads wait only for
-        # its own small kernels, and the contrast's kernels queue behind the network's.
+        # classes) happens here, before the network's forward is queued: on a GPU the contrast's
+        # kernels then queue behind the network's instead of waiting for them.
         prepared = None
         stride = getattr(self.sem_seg_head, "embedding_stride", None)
-        early = bool(self.region_source == "gt" and stride)
-        if early:
-            size = (images.tensor.shape[-2] // stride, images.tensor.shape[-1] // stride)
-        side = self._side_stream() if early else None
-        if early and side is None:
-            prepared = self._prepare(targets, size)
+        if self.region_source == "gt" and stride:
+            height, width = images.tensor.shape[-2:]
+            prepared = self._prepare(targets, (height // stride, width // stride))
         features = self.backbone(images.tensor)
-        if side is not None:
-            with torch.cuda.stream(side):
-                prepared = self._prepare(targets, size)
-            _hand_over(prepared, side)
         logits, embedding = self.sem_seg_head.forward_features(features)
         contrast_loss, bank_rows, bank_classes, stats = self._contrast(
             embedding, logits, targets, prepared
@@ -349,17 +320,6 @@ class RegionContrastSegmentor(SemanticSegmentor):
         if self.projector is not None:
             x = self.projector(x)
         return F.normalize(x, dim=1)
-
-    def _side_stream(self):
-        """The stream ``_prepare`` runs on, after all work queued so far; None off CUDA."""
-        if self.device.type != "cuda" or not self.plan_on_side_stream:
-            return None
-        if self._plan_stream is None or self._plan_stream[0] != self.device:
-            self._plan_stream = (self.device, torch.cuda.Stream(device=self.device))
-        stream = self._plan_stream[1]
-        # The targets and the last push into the bank are queued on the current stream.
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        return stream
 
     def _prepare(self, targets, size, pred=None):
         """Labels at ``size``, their regions, the bank read for this step and the loss's plan."""
