@@ -545,7 +545,8 @@ def rc_breakdown(prof, projector_params, total_params):
     Where the RC step's extra time goes, from one profiled RC step: the contrast's preparation
     (regions, bank read, loss plan), its forward (pooling, projection, loss), the bank push, and
     the backward nodes that only RC has (loss, pooling's batched matmul and row gather,
-    projection head and normalisation), plus the projector's share of the optimizer step. CPU only (on CUDA these are launch times, not GPU times).
+    projection head and normalisation), plus the projector's share of the optimizer step. CPU
+    only (on CUDA these are launch times, not GPU times).
     """
     totals = {}
     for e in prof.key_averages():
@@ -1139,7 +1140,8 @@ def format_report(r):
     lines.append("")
     lines.append("targets:")
     for k, v in r["targets"].items():
-        verdict = "not measured" if v["met"] is None else ("met" if v["met"] else "MISSED")
+        verdict = ("no target on this device" if v["met"] is None
+                   else "met" if v["met"] else "MISSED")
         lines.append(f"  {k}: {v['value']} -> {verdict}")
     return "\n".join(lines)
 
@@ -1319,8 +1321,9 @@ def main(argv=None):
         i["noise"] = noise(i)
     infer_ok = all(abs(i["ratio_median"] - 1.0) <= i["noise"] for i in report["inference"])
     report["targets"] = {
+        # Set for the CPU (the DigitScenes recipe trains there); a GPU run reports the value.
         "digitscenes_train_ratio<=1.03": {"value": round(digit["ratio_median"], 4),
-                                          "met": digit["ratio_median"] <= 1.03},
+                                          "met": None if cuda else digit["ratio_median"] <= 1.03},
         "inference_ratio==1.00_within_noise": {
             "value": [round(i["ratio_median"], 4) for i in report["inference"]],
             "met": infer_ok},

@@ -255,8 +255,8 @@ def region_contrast_loss(
                 )
             m = plan.memory.detach().to(device=a.device, dtype=dtype)
             if plan.cols.device != a.device:
-                plan = plan._replace(**{k: getattr(plan, k).to(a.device) for k in
-                                        ("cols", "pad", "count", "valid", "num_valid", "num_pairs")})
+                moved = ("cols", "pad", "count", "valid", "num_valid", "num_pairs")
+                plan = plan._replace(**{k: getattr(plan, k).to(a.device) for k in moved})
             loss, num_valid, sums = _RegionContrastLoss.apply(
                 a, m, plan, float(temperature), int(max_elements)
             )
