@@ -6,8 +6,10 @@ Segments images with a trained model and writes each one with its prediction dra
         --input scene.png 'more/*.jpg' a_folder/ --output demo_out/ \\
         --opts MODEL.WEIGHTS output/<recipe>/model_final.pth
 
-One PNG per input image, ``<output>/<input name without extension>.png``, at the input's size:
-the image with each predicted class painted in the colour of the data set's metadata
+One PNG per input image, ``<output>/<input name without extension>.png``, at the input's size
+times ``--scale`` (by default small images are enlarged to at least 512 px on their shorter side:
+Detectron2's labels are at least 10 px high and would cover a 128 px scene): the image with each
+predicted class painted in the colour of the data set's metadata
 (``DATASETS.TEST[0]``: ``stuff_classes``, ``stuff_colors``) and labelled with its name. The model
 runs through Detectron2's ``DefaultPredictor`` (resize to ``INPUT.MIN_SIZE_TEST``, channel order
 of ``INPUT.FORMAT``) on ``MODEL.DEVICE``, or on the CPU when that names CUDA and none is present.
@@ -16,6 +18,7 @@ A RegionContrast checkpoint and its baseline predict the same way: the contrast 
 import argparse
 import glob
 import logging
+import math
 import os
 import sys
 
@@ -33,6 +36,14 @@ from region_contrast.engine import fall_back_to_cpu, get_region_contrast_cfg
 logger = logging.getLogger("region_contrast.demo")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MIN_OVERLAY_SIDE = 512
+
+
+def overlay_scale(height, width, scale=None):
+    """``scale``, or the smallest whole factor that makes the shorter side >= MIN_OVERLAY_SIDE."""
+    if scale is not None:
+        return scale
+    return float(max(1, math.ceil(MIN_OVERLAY_SIDE / min(height, width))))
 
 
 def get_parser():
@@ -46,6 +57,10 @@ def get_parser():
                         help="folder for the overlays (created if missing)")
     parser.add_argument("--alpha", type=float, default=0.6,
                         help="opacity of the class colours over the image, in [0, 1]")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="size of the overlays relative to the inputs (default: the smallest "
+                             f"whole factor giving at least {MIN_OVERLAY_SIDE} px on the shorter "
+                             "side, 1 for larger images)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
                         help="config overrides, e.g. MODEL.WEIGHTS output/<recipe>/model_final.pth")
     return parser
@@ -158,6 +173,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha = {args.alpha} is invalid: expected a number in [0, 1].")
+    if args.scale is not None and not args.scale > 0:
+        raise ValueError(f"--scale = {args.scale} is invalid: expected a number > 0.")
     setup_logger(name="fvcore")
     setup_logger()
     setup_logger(name="region_contrast")
@@ -174,10 +191,11 @@ def main(argv=None):
         image = load_image(path)
         # (K, H, W) scores at the input's size -> one class per pixel.
         labels = predictor(image)["sem_seg"].argmax(dim=0).to("cpu")
-        visualizer = Visualizer(image[:, :, ::-1], metadata)  # it draws on RGB
+        scale = overlay_scale(*image.shape[:2], args.scale)
+        visualizer = Visualizer(image[:, :, ::-1], metadata, scale=scale)  # it draws on RGB
         overlay = visualizer.draw_sem_seg(labels, alpha=args.alpha).get_image()
-        # Written from the canvas's pixels, not savefig: exactly the input's size, whatever the
-        # local matplotlib settings (savefig.dpi, savefig.bbox) say.
+        # Written from the canvas's pixels, not savefig: exactly the input's size times the
+        # scale, whatever the local matplotlib settings (savefig.dpi, savefig.bbox) say.
         Image.fromarray(overlay).save(out)
     logger.info("Wrote %d overlays to %s", len(outputs), os.path.abspath(args.output))
     return outputs

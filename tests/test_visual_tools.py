@@ -108,7 +108,23 @@ def test_demo_writes_an_overlay_per_image(trained, tmp_path):
     names = [os.path.basename(p) for p in trained.val_images]
     assert [os.path.basename(p) for p in written] == names
     for image_path, overlay in zip(trained.val_images, written):
-        assert_picture(overlay, size=Image.open(image_path).size)
+        # 128 px scenes are drawn 4x larger, so that the 10 px labels do not cover them.
+        width, height = Image.open(image_path).size
+        assert_picture(overlay, size=(4 * width, 4 * height))
+    # --scale 1: the input's own size.
+    written = demo.main([
+        "--config-file", RECIPE, "--input", first, "--output", str(tmp_path / "same"),
+        "--scale", "1", "--opts", "MODEL.WEIGHTS", trained.checkpoint, "DATASETS.TEST", VAL,
+    ])
+    assert_picture(written[0], size=Image.open(first).size)
+
+
+def test_overlay_scale():
+    demo = load_script("demo/demo.py")
+    assert demo.overlay_scale(128, 128) == 4.0
+    assert demo.overlay_scale(100, 300) == 6.0  # ceil(512 / 100)
+    assert demo.overlay_scale(1024, 2048) == 1.0
+    assert demo.overlay_scale(128, 128, 1.5) == 1.5
 
 
 def test_demo_rejects_bad_input(trained, tmp_path):
@@ -119,6 +135,8 @@ def test_demo_rejects_bad_input(trained, tmp_path):
         demo.main([*common, "--input", str(tmp_path / "*.jpg"), *weights])
     with pytest.raises(FileNotFoundError, match="holds no image file"):
         demo.main([*common, "--input", str(tmp_path), *weights])
+    with pytest.raises(ValueError, match="--scale"):
+        demo.main([*common, "--input", trained.val_images[0], "--scale", "0", *weights])
     with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
         demo.main([*common, "--input", trained.val_images[0]])
     bad = tmp_path / "not_an_image.png"
