@@ -21,8 +21,9 @@ chunk is two matmuls, one max, one exp, two sums and one scale. Nothing dense is
 boolean mask, and no pair list is built.
 
 Everything that needs the host to read device values (grouping the memory, the positives' spans)
-is in :func:`plan_region_contrast`, which needs only the classes: a caller can plan before it
-queues the network's forward, and the loss itself then never waits for the GPU.
+is in :func:`plan_region_contrast`, which needs the classes and the memory but not the anchors: a
+caller can plan before it queues the network's forward, and the loss then never waits for the
+GPU.
 
 Pure tensor code: no config, no Detectron2, no I/O.
 """
