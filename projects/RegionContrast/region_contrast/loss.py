@@ -45,7 +45,6 @@ class ContrastPlan(NamedTuple):
     """Which memory rows are each anchor's positives (:func:`plan_region_contrast`)."""
 
     memory: torch.Tensor  # (M, D) the memory, each class's rows contiguous, classes ascending
-    memory_classes: torch.Tensor  # (M,) long
     cols: torch.Tensor  # (A, W) columns of each anchor's positives, W the most of one anchor
     pad: torch.Tensor  # (A, W) bool: padding past the anchor's positives (repeats a column)
     count: torch.Tensor  # (A,) positives of each anchor, at least 1 (an average's divisor)
@@ -82,8 +81,8 @@ def plan_region_contrast(
     # Padding repeats the span's first column, a positive (a row without positives is invalid),
     # so the loss's writes through `cols` touch positive columns only.
     cols = start.unsqueeze(1) + offsets.masked_fill(pad, 0)
-    return ContrastPlan(memory, memory_classes, cols, pad, num_pos.clamp(min=1), valid,
-                        valid.sum(), num_pos.sum())
+    return ContrastPlan(memory, cols, pad, num_pos.clamp(min=1), valid, valid.sum(),
+                        num_pos.sum())
 
 
 def _softplus(x):

@@ -371,7 +371,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
                 with torch.no_grad():
                     extra, extra_classes, _ = dynamic_subset_centers(
                         embedding, labels, self.num_classes, self.dynamic_samples,
-                        self.dynamic_fraction, ignore,
+                        self.dynamic_fraction, ignore, regions=regions,
                     )
                     bank_rows = torch.cat([bank_rows, self._project(extra)])
                     bank_classes = torch.cat([bank_classes, extra_classes])

@@ -263,6 +263,7 @@ def dynamic_subset_centers(
     ignore_value: int = 255,
     *,
     generator: Optional[torch.Generator] = None,
+    regions: Optional[Regions] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     "Dynamic sampling", this project's reading of the paper (METHOD.md section 6).
@@ -276,6 +277,7 @@ def dynamic_subset_centers(
         features, labels, num_classes, ignore_value: as in :func:`region_centers`.
         samples: number of subsets per region (>= 0).
         fraction: keep probability in (0, 1].
+        regions: :func:`find_regions` of ``labels`` when the caller already has them.
 
     Returns:
         centers: (R * samples, D) float32; the ``samples`` rows of a region are consecutive.
@@ -287,7 +289,8 @@ def dynamic_subset_centers(
         raise ValueError(f"samples must be >= 0, got {samples}")
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    regions = find_regions(labels, num_classes, ignore_value)
+    if regions is None:
+        regions = find_regions(labels, num_classes, ignore_value)
     region_id, classes, image_index = regions.region_id, regions.classes, regions.image_index
     num_regions = classes.numel()
     if samples == 0 or num_regions == 0:  # no region (e.g. an all-ignore batch): no subset
