@@ -561,7 +561,7 @@ def rc_breakdown(prof, projector_params, total_params):
         "contrast_forward": totals.get("rc::contrast_forward", 0.0),
         "bank_push": totals.get("rc::bank_push", 0.0),
         "loss_backward": totals.get("_RegionContrastLossBackward", 0.0),
-        # regions._pool: a batched matmul with the region indicators, then a row gather.
+        # regions.pool_regions: a batched matmul with the region indicators, then a row gather.
         "pooling_backward": totals.get("BmmBackward0", 0.0) + totals.get("IndexBackward0", 0.0),
         "projection_backward": sum(totals.get(k, 0.0) for k in (
             "AddmmBackward0", "NativeLayerNormBackward0", "LinalgVectorNormBackward0")),
