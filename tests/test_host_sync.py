@@ -14,7 +14,7 @@ from region_contrast.memory_bank import RegionMemoryBank
 from region_contrast.projection import build_projection_head
 from region_contrast.regions import find_regions, pool_regions
 
-from test_meta_arch import build, make_batch, make_cfg, train_step
+from test_meta_arch import build, make_batch, make_cfg, train_step, v3_head_cfg
 
 NUM_CLASSES = 6
 
@@ -91,13 +91,7 @@ def test_planned_contrast_never_synchronizes_cuda(samples_per_class):
 
 @pytest.mark.parametrize("head", ["v3plus", "v3"])
 def test_training_step_plans_once_before_the_backbone(monkeypatch, head):
-    cfg = make_cfg()
-    if head == "v3":
-        cfg.MODEL.SEM_SEG_HEAD.NAME = "RegionContrastDeepLabV3Head"
-        cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
-        cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 32
-        cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
-    model = build(cfg)
+    model = build(v3_head_cfg() if head == "v3" else make_cfg())
     events = []
     prepare, backbone_forward = model._prepare, model.backbone.forward
     monkeypatch.setattr(model, "_prepare",

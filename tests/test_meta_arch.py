@@ -290,13 +290,18 @@ def test_predictor_init_std_redraws_only_the_classifier(head):
         build(head_cfg(0.0))
 
 
-def test_deeplab_v3_head_variant_trains():
+def v3_head_cfg():
+    """make_cfg with the DeepLabV3 head on res5 instead of DeepLabV3+."""
     cfg = make_cfg()
     cfg.MODEL.SEM_SEG_HEAD.NAME = "RegionContrastDeepLabV3Head"
     cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res5"]
     cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE = 32
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
-    model = build(cfg)
+    return cfg
+
+
+def test_deeplab_v3_head_variant_trains():
+    model = build(v3_head_cfg())
     for it in range(2):
         losses, _ = train_step(model, make_batch(it), it)
     assert float(losses["loss_contrast"]) > 0
