@@ -258,10 +258,11 @@ def test_no_anchor_class_in_bank():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_softplus_matches_log1p_exp(dtype):
-    from region_contrast.loss import _softplus
+def test_softplus_and_sigmoid_match_float64(dtype):
+    from region_contrast.loss import _softplus_and_sigmoid
 
-    x = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([-1e-9, 0, 1e-9, 20, 20.001])])
+    x = torch.cat([torch.linspace(-120, 120, 4001),
+                   torch.tensor([-1e-9, 0, 1e-9, 20, 20.001, 39.99, 40, 40.01, 1e4])])
     x = x.to(dtype)
     wide = x.double()
     # float64 reference: log1p(e^x) below 0, x + log1p(e^-x) above.
@@ -269,4 +270,38 @@ def test_softplus_matches_log1p_exp(dtype):
     # Relative error at rounding level; float32's e^x underflows below its smallest normal.
     tol = (dict(rtol=3e-7, atol=torch.finfo(torch.float32).tiny) if dtype == torch.float32
            else dict(rtol=1e-15, atol=0.0))
-    torch.testing.assert_close(_softplus(x).double(), ref, **tol)
+    softplus, sigmoid = _softplus_and_sigmoid(x)
+    torch.testing.assert_close(softplus.double(), ref, **tol)
+    torch.testing.assert_close(sigmoid.double(), torch.sigmoid(wide), **tol)
+    # -inf (padding, rows without negatives) gives exactly 0 for both.
+    zero = _softplus_and_sigmoid(torch.tensor([float("-inf")], dtype=dtype))
+    assert zero[0].item() == 0.0 and zero[1].item() == 0.0
+
+
+@pytest.mark.parametrize("per_class", [0, 2, 5])
+def test_plan_from_the_banks_class_counts_equals_planning_from_its_classes(per_class):
+    from region_contrast.loss import plan_region_contrast
+    from region_contrast.memory_bank import RegionMemoryBank
+
+    g = torch.Generator().manual_seed(11)
+    bank = RegionMemoryBank(6, 4, 8)
+    # Classes 1 and 5 stay empty (5 is the last: its span would start past the end), class 3
+    # partly filled, class 0 overflows its ring.
+    classes = torch.tensor([0] * 6 + [2] * 4 + [3] * 2 + [4] * 4)
+    bank.push(unit(g, classes.numel(), 8), classes)
+    memory, memory_classes = bank.sample(per_class, generator=g)
+    anchors = unit(g, 12, 8)
+    anchor_classes = torch.arange(12) % 6
+    fast = plan_region_contrast(anchor_classes, memory, memory_classes,
+                                class_counts=bank.class_counts(per_class))
+    slow = plan_region_contrast(anchor_classes, memory, memory_classes)
+    for name in ("weight", "num_valid", "pair_counts"):
+        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    valid = slow.weight > 0  # rows without positives may point anywhere: they are weighted 0
+    assert torch.equal(fast.cols[valid], slow.cols[valid])
+    assert torch.equal(fast.pad[valid], slow.pad[valid])
+    expected = reference_loss(anchors, anchor_classes, memory, memory_classes, 0.1)
+    for plan in (fast, slow):
+        loss = region_contrast_loss(anchors, anchor_classes, memory, memory_classes, 0.1,
+                                    plan=plan)
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)

@@ -166,6 +166,19 @@ def test_training_step_logs_and_pushes_one_row_per_region():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("size", [(16, 16), (16, 8), (13, 11)])
+def test_prepared_labels_are_nearest_downsampled_ground_truth(size):
+    """A whole-number stride takes a strided view; the result is nearest interpolation's."""
+    model = build(make_cfg())
+    g = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, NUM_CLASSES, (2, SIZE, SIZE), generator=g)
+    targets[:, :5] = 255
+    prepared = model._prepare(targets, size)
+    expected = torch.nn.functional.interpolate(targets[:, None].float(), size=size,
+                                               mode="nearest")[:, 0].long()
+    assert torch.equal(prepared.labels, expected)
+
+
 @pytest.mark.parametrize(
     "options",
     [

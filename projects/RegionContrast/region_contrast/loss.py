@@ -47,65 +47,89 @@ class ContrastPlan(NamedTuple):
     memory: torch.Tensor  # (M, D) the memory, each class's rows contiguous, classes ascending
     cols: torch.Tensor  # (A, W) columns of each anchor's positives, W the most of one anchor
     pad: torch.Tensor  # (A, W) bool: padding past the anchor's positives (repeats a column)
-    count: torch.Tensor  # (A,) positives of each anchor, at least 1 (an average's divisor)
-    valid: torch.Tensor  # (A,) bool: at least one positive and one negative
-    num_valid: torch.Tensor  # () long
-    num_pairs: torch.Tensor  # () long, anchor-positive pairs
+    # (A,) valid / (positives * valid anchors): an anchor's share of the mean loss is this times
+    # the sum of its positives' terms (0 for an anchor without a positive or a negative).
+    weight: torch.Tensor
+    num_valid: torch.Tensor  # () long, anchors with at least one positive and one negative
+    pair_counts: torch.Tensor  # (2,) anchor-positive and anchor-negative pairs, as weight's dtype
 
 
 def plan_region_contrast(
-    anchor_classes: torch.Tensor, memory: torch.Tensor, memory_classes: torch.Tensor
+    anchor_classes: torch.Tensor,
+    memory: torch.Tensor,
+    memory_classes: torch.Tensor,
+    *,
+    class_counts: Optional[torch.Tensor] = None,
 ) -> ContrastPlan:
     """
     Groups the memory by class (one sort, unless it already is, as the bank's ``snapshot`` and
     ``sample`` are) and finds each anchor's span of positives. Reads device values on the host.
+
+    ``class_counts`` (rows of each class 0, 1, ...) says that the memory is already grouped by
+    class in ascending order, as the bank's ``snapshot`` and ``sample`` return it (the bank's
+    ``class_counts`` gives them); the anchors' classes must then be below its length.
     """
-    memory_classes = memory_classes.to(device=memory.device, dtype=torch.long)
-    anchor_classes = anchor_classes.to(device=memory.device, dtype=torch.long)
-    if memory_classes.numel() > 1 and not bool((memory_classes[1:] >= memory_classes[:-1]).all()):
-        order = torch.argsort(memory_classes, stable=True)
-        memory, memory_classes = memory[order], memory_classes[order]
-    if memory_classes.numel() == 0:
-        num_pos = torch.zeros_like(anchor_classes)
-        start = num_pos
+    device = memory.device
+    anchor_classes = anchor_classes.to(device=device, dtype=torch.long)
+    num_memory = memory.shape[0]
+    if class_counts is not None:
+        counts = class_counts.to(device=device, dtype=torch.long)
+        num_pos = counts[anchor_classes]
+        # A class without rows past the last one that has some would start past the end.
+        start = (torch.cumsum(counts, 0) - counts)[anchor_classes].clamp_(max=num_memory - 1)
     else:
-        classes, counts = torch.unique_consecutive(memory_classes, return_counts=True)
-        first = torch.cumsum(counts, 0) - counts
-        at = torch.searchsorted(classes, anchor_classes).clamp_(max=classes.numel() - 1)
-        num_pos = torch.where(classes[at] == anchor_classes, counts[at], 0)
-        start = first[at]
-    valid = (num_pos > 0) & (num_pos < memory_classes.numel())
+        memory_classes = memory_classes.to(device=device, dtype=torch.long)
+        if num_memory > 1 and not bool((memory_classes[1:] >= memory_classes[:-1]).all()):
+            order = torch.argsort(memory_classes, stable=True)
+            memory, memory_classes = memory[order], memory_classes[order]
+        if num_memory == 0:
+            num_pos = torch.zeros_like(anchor_classes)
+            start = num_pos
+        else:
+            classes, counts = torch.unique_consecutive(memory_classes, return_counts=True)
+            first = torch.cumsum(counts, 0) - counts
+            at = torch.searchsorted(classes, anchor_classes).clamp_(max=classes.numel() - 1)
+            num_pos = torch.where(classes[at] == anchor_classes, counts[at], 0)
+            start = first[at]
+    valid = (num_pos > 0) & (num_pos < num_memory)
+    num_valid = valid.sum()
     width = int(num_pos.max()) if num_pos.numel() else 0
-    offsets = torch.arange(width, device=memory.device)
+    offsets = torch.arange(width, device=device)
     pad = offsets >= num_pos.unsqueeze(1)
-    # Padding repeats the span's first column, a positive (a row without positives is invalid),
-    # so the loss's writes through `cols` touch positive columns only.
+    # Padding repeats the span's first column, a positive for a valid row, so the loss's writes
+    # through `cols` touch only positive columns of valid rows (an invalid row is weighted 0).
     cols = start.unsqueeze(1) + offsets.masked_fill(pad, 0)
-    return ContrastPlan(memory, cols, pad, num_pos.clamp(min=1), valid, valid.sum(),
-                        num_pos.sum())
+    dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    weight = valid.to(dtype) / (num_pos.clamp(min=1) * num_valid.clamp(min=1))
+    num_pairs = num_pos.sum()
+    pair_counts = torch.stack([num_pairs, anchor_classes.numel() * num_memory - num_pairs])
+    return ContrastPlan(memory, cols, pad, weight, num_valid, pair_counts.to(dtype))
 
 
-def _softplus(x):
-    """log(1 + e^x), exact in float32 and float64. F.softplus is a scalar loop on the CPU."""
-    if x.is_cuda:  # one kernel there
-        return F.softplus(x)
-    y = torch.exp(x.clamp(max=20.0))
-    u = 1.0 + y
-    # Kahan's log1p: the rounding of 1 + y cancels in log(u) * y / (u - 1); y where u rounds to 1.
-    small = torch.where(u == 1.0, y, torch.log(u) * (y / (u - 1.0)))
-    # Past 20, log(1 + e^x) = x + e^-x to within e^-2x.
-    return torch.where(x > 20.0, x + torch.exp(-x), small)
+_SOFTPLUS_TAIL = 40.0  # past it, log(1 + e^x) = x to within e^-40 / 40: below float64's epsilon
 
 
-def _chunk(scaled, cols, pad, count, valid, memory, temperature, with_grad):
+def _softplus_and_sigmoid(x):
     """
-    Loss terms of a chunk of anchors (already divided by t), and optionally the gradient of
-    their sum with respect to the anchors.
+    log(1 + e^x) and 1 / (1 + e^-x), exact in float32 and float64 (F.softplus and log1p are
+    scalar loops on the CPU), from one exp.
+    """
+    y = torch.exp(x.clamp(max=_SOFTPLUS_TAIL))
+    u = y + 1.0
+    # log1p(y) = log(u) minus the rounding of u = 1 + y, to first order: (u - 1 - y) / u.
+    softplus = torch.log(u) - (u - 1.0 - y) / u + (x - _SOFTPLUS_TAIL).clamp_(min=0.0)
+    return softplus, y.div_(u)
+
+
+def _chunk(scaled, cols, pad, weight, memory, with_grad):
+    """
+    A chunk of anchors (already divided by t): their weighted loss terms, and optionally the
+    gradient of that sum with respect to ``scaled``.
 
     With x_p = L - l_p, L = logsumexp of the negatives' logits:  term_p = softplus(x_p),
     d term_p / d l_p = -sigmoid(x_p) and d term_p / d l_n = sigmoid(x_p) e^(l_n - L).
 
-    Returns (sum of valid per-anchor losses, sum of positive logits, sum of all logits, grad).
+    Returns (weighted sum of the terms, sum of positive logits, sum of all logits, grad).
     """
     logits = scaled @ memory.t()
     logit_sum = logits.sum()
@@ -121,21 +145,19 @@ def _chunk(scaled, cols, pad, count, valid, memory, temperature, with_grad):
     neg = logits.sub_(shift.unsqueeze(1)).exp_()  # positives are exp(-inf) = 0
     neg_sum = neg.sum(dim=1)
     # L = -inf without negatives, so x = -inf and every term of such a row is 0.
-    x = (torch.log(neg_sum) + shift).unsqueeze(1) - pos_logits
-    count = count.to(scaled.dtype)
-    valid = valid.to(scaled.dtype)
-    loss_sum = (_softplus(x).sum(dim=1) / count * valid).sum()
+    x = torch.log(neg_sum).add_(shift).unsqueeze(1) - pos_logits
+    terms, sigmoid = _softplus_and_sigmoid(x)
+    loss_sum = terms.sum(dim=1) @ weight
     if not with_grad:
         return loss_sum, pos_sum, logit_sum, None
 
-    pos_weight = torch.sigmoid(x) / count.unsqueeze(1)
-    row_scale = valid / temperature
+    pos_weight = sigmoid.mul_(weight.unsqueeze(1))
     # e^(l_n - L) = neg_n / neg_sum, and neg_sum >= 1 on valid rows (0 without negatives).
-    neg_scale = pos_weight.sum(dim=1) / neg_sum.clamp(min=1.0) * row_scale
-    weight = neg.mul_(neg_scale.unsqueeze(1))
+    neg_scale = pos_weight.sum(dim=1).div_(neg_sum.clamp_(min=1.0))
+    grad_logits = neg.mul_(neg_scale.unsqueeze(1))
     # Positive columns hold 0; padding entries add 0 to a positive column.
-    weight.scatter_add_(1, cols, pos_weight * (-row_scale).unsqueeze(1))
-    return loss_sum, pos_sum, logit_sum, weight @ memory
+    grad_logits.scatter_add_(1, cols, pos_weight.neg_())
+    return loss_sum, pos_sum, logit_sum, grad_logits @ memory
 
 
 class _RegionContrastLoss(torch.autograd.Function):
@@ -152,36 +174,24 @@ class _RegionContrastLoss(torch.autograd.Function):
         chunk = _chunk_rows(num_anchors, memory.shape[0], max_elements)
         scaled = anchors / temperature
         with_grad = ctx.needs_input_grad[0]
-        per_anchor = (plan.cols, plan.pad, plan.count, plan.valid)
+        per_anchor = (plan.cols, plan.pad, plan.weight)
         if chunk >= num_anchors:  # the usual case: no slices, no accumulation
-            total, pos_sum, logit_sum, grad = _chunk(
-                scaled, *per_anchor, memory, temperature, with_grad
-            )
+            loss, pos_sum, logit_sum, grad = _chunk(scaled, *per_anchor, memory, with_grad)
         else:
             parts = [
                 _chunk(scaled[lo : lo + chunk], *(t[lo : lo + chunk] for t in per_anchor),
-                       memory, temperature, with_grad)
+                       memory, with_grad)
                 for lo in range(0, num_anchors, chunk)
             ]
-            total, pos_sum, logit_sum = (torch.stack(v).sum() for v in list(zip(*parts))[:3])
+            loss, pos_sum, logit_sum = (torch.stack(v).sum() for v in list(zip(*parts))[:3])
             grad = torch.cat([p[3] for p in parts]) if with_grad else None
-        denominator = plan.num_valid.clamp(min=1).to(total.dtype)
-        loss = total / denominator
-        # Sums and counts of positive / negative cosines, for logging.
-        num_pairs = plan.num_pairs.to(total.dtype)
-        stats = torch.stack(
-            [
-                pos_sum * temperature,
-                num_pairs,
-                (logit_sum - pos_sum) * temperature,
-                num_anchors * memory.shape[0] - num_pairs,
-            ]
-        )
+        # Mean positive and negative cosines, for logging (0/0 = NaN: no pair of that kind).
+        cosines = torch.stack([pos_sum, logit_sum - pos_sum]).mul_(temperature)
+        cosines /= plan.pair_counts
         if with_grad:
-            grad /= denominator
-            ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(plan.num_valid, stats)
-        return loss, plan.num_valid, stats
+            ctx.save_for_backward(grad.div_(temperature))  # d scaled / d anchors = 1 / t
+        ctx.mark_non_differentiable(plan.num_valid, cosines)
+        return loss, plan.num_valid, cosines
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -254,17 +264,16 @@ def region_contrast_loss(
                     f"{tuple(plan.memory.shape)}, got {a.shape[0]} and {tuple(memory.shape)}"
                 )
             m = plan.memory.detach().to(device=a.device, dtype=dtype)
-            if plan.cols.device != a.device:
-                moved = ("cols", "pad", "count", "valid", "num_valid", "num_pairs")
+            if plan.cols.device != a.device or plan.weight.dtype != dtype:
+                moved = ("cols", "pad", "weight", "num_valid", "pair_counts")
                 plan = plan._replace(**{k: getattr(plan, k).to(a.device) for k in moved})
-            loss, num_valid, sums = _RegionContrastLoss.apply(
+                plan = plan._replace(weight=plan.weight.to(dtype),
+                                     pair_counts=plan.pair_counts.to(dtype))
+            loss, num_valid, cosines = _RegionContrastLoss.apply(
                 a, m, plan, float(temperature), int(max_elements)
             )
-            stats = {
-                "pos_cos": sums[0] / sums[1],  # 0/0 = NaN: no pairs of that kind
-                "neg_cos": sums[2] / sums[3],
-                "num_valid": num_valid,
-            }
+            pos_cos, neg_cos = cosines.unbind()
+            stats = {"pos_cos": pos_cos, "neg_cos": neg_cos, "num_valid": num_valid}
     if return_stats:
         return loss, stats
     return loss

@@ -132,16 +132,19 @@ class RegionMemoryBank(nn.Module):
         if n == 0:
             return
         stored = features.to(self.dtype)
-        non_finite = ~torch.isfinite(stored).all(dim=1)
-        bad_class = (classes < 0) | (classes >= self.num_classes)
-        num_non_finite, num_bad_class = torch.stack([non_finite.sum(), bad_class.sum()]).tolist()
-        if num_bad_class:
+        # One host read for both checks; the details are worked out only when one fails.
+        finite, low, high = torch.stack(
+            [torch.isfinite(stored).all(), *torch.aminmax(classes)]
+        ).tolist()
+        if low < 0 or high >= self.num_classes:
+            bad_class = (classes < 0) | (classes >= self.num_classes)
             values = torch.unique(classes[bad_class])[:8].tolist()
             raise ValueError(
-                f"{num_bad_class} of {n} rows have classes {values} outside "
+                f"{int(bad_class.sum())} of {n} rows have classes {values} outside "
                 f"[0, {self.num_classes}); nothing was pushed"
             )
-        if num_non_finite:
+        if not finite:
+            num_non_finite = int((~torch.isfinite(stored).all(dim=1)).sum())
             raise ValueError(
                 f"{num_non_finite} of {n} rows are not finite (NaN/inf, or beyond the range of "
                 f"{self.dtype}); nothing was pushed"
@@ -150,8 +153,8 @@ class RegionMemoryBank(nn.Module):
         stored = stored[order]
         per_class = torch.bincount(cls, minlength=self.num_classes)
         first = torch.cumsum(per_class, 0) - per_class
-        rank = torch.arange(n, device=cls.device) - first[cls]
-        slot = (self.ptr[cls] + rank) % self.size
+        rank = torch.arange(n, device=cls.device) - first[cls]  # position within its class
+        slot = (rank + self.ptr[cls]) % self.size
         if n > self.size:
             # Only the last `size` rows of a class survive; their slots are distinct, so the
             # single index_put_ has no duplicate indices and is deterministic. (With at most
@@ -159,8 +162,14 @@ class RegionMemoryBank(nn.Module):
             keep = rank >= per_class[cls] - self.size
             cls, slot, stored = cls[keep], slot[keep], stored[keep]
         self.features.index_put_((cls, slot), stored)
-        self.ptr.copy_((self.ptr + per_class) % self.size)
-        self.count.copy_(torch.clamp(self.count + per_class, max=self.size))
+        self.ptr.add_(per_class).remainder_(self.size)
+        self.count.add_(per_class).clamp_(max=self.size)
+
+    def class_counts(self, per_class: int = 0) -> torch.Tensor:
+        """(num_classes,) rows of each class that ``sample(per_class)`` returns (a device tensor)."""
+        if per_class <= 0 or per_class >= self.size:
+            return self.count
+        return self.count.clamp(max=per_class)
 
     def _filled(self) -> torch.Tensor:
         slots = torch.arange(self.size, device=self.count.device)

@@ -324,7 +324,13 @@ class RegionContrastSegmentor(SemanticSegmentor):
     def _prepare(self, targets, size, pred=None):
         """Labels at ``size``, their regions, the bank read for this step and the loss's plan."""
         ignore = self.sem_seg_head.ignore_value
-        labels = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        (height, width), (h, w) = targets.shape[-2:], size
+        if height == h * (height // h) and width == w * (width // w):
+            # What nearest interpolation picks at a whole-number stride, as a view.
+            labels = targets[:, :: height // h, :: width // w]
+        else:
+            labels = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0]
+            labels = labels.long()
         if pred is not None:  # predicted regions; ignored pixels stay ignored
             labels = torch.where(labels == ignore, labels, pred)
         regions = find_regions(labels, self.num_classes, ignore)
@@ -332,7 +338,9 @@ class RegionContrastSegmentor(SemanticSegmentor):
         memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
         plan = None
         if self.anchors == "region":
-            plan = plan_region_contrast(regions.classes, memory, memory_classes)
+            counts = self.memory_bank.class_counts(self.samples_per_class)
+            plan = plan_region_contrast(regions.classes, memory, memory_classes,
+                                        class_counts=counts)
         return _Prepared(labels, regions, memory, memory_classes, plan)
 
     def _contrast(self, embedding, logits, targets, prepared=None):

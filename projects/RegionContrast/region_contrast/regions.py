@@ -66,33 +66,8 @@ def region_pixel_index(
         image_index: (R,) long, image of each region. Regions are ordered by image, then class,
             the same rows as :func:`region_centers`.
     """
-    if labels.dim() != 3:
-        raise ValueError(f"labels must be (N, H, W), got shape {tuple(labels.shape)}")
-    if num_classes <= 0:
-        raise ValueError(f"num_classes must be positive, got {num_classes}")
-    n = labels.shape[0]
-    flat = labels.reshape(-1).long()
-    valid = flat != ignore_value
-    # One host sync for validation; the caller syncs on R anyway.
-    bad = valid & ((flat < 0) | (flat >= num_classes))
-    if bool(bad.any()):
-        offending = torch.unique(flat[bad])[:8].tolist()
-        raise ValueError(
-            f"labels contain value(s) {offending} outside [0, {num_classes}) that are not the "
-            f"ignore value {ignore_value}; check NUM_CLASSES and the dataset's label mapping"
-        )
-    pixels_per_image = flat.numel() // max(n, 1)
-    image = torch.arange(n, device=flat.device).repeat_interleave(pixels_per_image)
-    # Ignored pixels share one extra key past the end, dropped from the counts.
-    dump = n * num_classes
-    key = torch.where(valid, image * num_classes + flat, torch.full_like(flat, dump))
-    counts = torch.bincount(key, minlength=dump + 1)[:dump]
-    present = torch.nonzero(counts, as_tuple=True)[0]  # sorted: image, then class
-    # Dense key -> compact region id; the dump key keeps -1.
-    lookup = torch.full((dump + 1,), -1, dtype=torch.long, device=flat.device)
-    lookup[present] = torch.arange(present.numel(), device=flat.device)
-    region_id = lookup[key]
-    return region_id, present % num_classes, torch.div(present, num_classes, rounding_mode="floor")
+    regions = find_regions(labels, num_classes, ignore_value)
+    return regions.region_id, regions.classes, regions.image_index
 
 
 class Regions(NamedTuple):
@@ -107,20 +82,64 @@ class Regions(NamedTuple):
     shape: Tuple[int, int, int]  # (N, H, W) of the labels
 
 
+def _invalid_label_error(labels, num_classes, ignore_value):
+    flat = labels.reshape(-1).long()
+    bad = (flat != ignore_value) & ((flat < 0) | (flat >= num_classes))
+    offending = torch.unique(flat[bad])[:8].tolist()
+    return ValueError(
+        f"labels contain value(s) {offending} outside [0, {num_classes}) that are not the "
+        f"ignore value {ignore_value}; check NUM_CLASSES and the dataset's label mapping"
+    )
+
+
 def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255) -> Regions:
     """
     The regions of ``labels`` (N, H, W) and where each sits among its image's regions, for
-    :func:`pool_regions`. All of region pooling's host synchronisation happens here.
+    :func:`pool_regions`. All of region pooling's host synchronisation happens here: one read
+    of a few counts (and, on a GPU, the size of one ``nonzero``).
+
+    Every pixel falls into one of ``C + 3`` bins of its image (below range, the C classes, above
+    range, ignored), so one ``bincount`` finds the regions, checks the labels and sizes the
+    images at once; the regions are its non-empty class bins, in image-then-class order.
     """
-    region_id, classes, image_index = region_pixel_index(labels, num_classes, ignore_value)
-    num_regions = image_index.numel()
-    n = labels.shape[0]
-    per_image = torch.bincount(image_index, minlength=n)
-    first = torch.cumsum(per_image, 0) - per_image
-    k = int(per_image.max()) if num_regions else 0
-    rows = image_index * k + torch.arange(num_regions, device=image_index.device)
-    return Regions(region_id, classes, image_index, first, k, rows - first[image_index],
-                   tuple(labels.shape))
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be (N, H, W), got shape {tuple(labels.shape)}")
+    if num_classes <= 0:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    n, c = labels.shape[0], num_classes
+    flat = labels.reshape(n, -1)
+    if flat.dtype != torch.long:
+        flat = flat.long()
+    device = flat.device
+    bins = c + 3
+    value = torch.where(flat == ignore_value, c + 1, flat.clamp(-1, c))
+    key = value + torch.arange(1, n * bins, bins, device=device).view(n, 1)
+    counts = torch.bincount(key.view(-1), minlength=n * bins).view(n, bins)
+    present = counts[:, 1 : c + 1] > 0
+    per_image = present.sum(dim=1)
+    # The one host read: regions per image and the count of out-of-range labels.
+    *per_image, num_invalid = torch.cat([per_image, counts[:, 0::c + 1].sum().view(1)]).tolist()
+    if num_invalid:
+        raise _invalid_label_error(labels, num_classes, ignore_value)
+    k = max(per_image, default=0)
+    first = [0] * n
+    for i in range(1, n):
+        first[i] = first[i - 1] + per_image[i - 1]
+    rows = [i * k + j for i, m in enumerate(per_image) for j in range(m)]
+    present = present.view(-1)
+    index = torch.nonzero(present).view(-1)  # (image, class) of each region, in order
+    image_index = torch.div(index, c, rounding_mode="floor")
+    # Bin -> region id: class bins by the running count of regions, the other bins -1.
+    ids = torch.nn.functional.pad((torch.cumsum(present, 0) - 1).view(n, c), (1, 2), value=-1)
+    return Regions(
+        torch.take(ids, key).view(-1),
+        index - image_index * c,
+        image_index,
+        torch.tensor(first, dtype=torch.long, device=device),
+        k,
+        torch.tensor(rows, dtype=torch.long, device=device),
+        tuple(labels.shape),
+    )
 
 
 def pool_regions(
