@@ -166,7 +166,7 @@ class RegionMemoryBank(nn.Module):
         self.count.add_(per_class).clamp_(max=self.size)
 
     def class_counts(self, per_class: int = 0) -> torch.Tensor:
-        """(num_classes,) rows of each class that ``sample(per_class)`` returns (a device tensor)."""
+        """(num_classes,) rows of each class that ``sample(per_class)`` returns, on the device."""
         if per_class <= 0 or per_class >= self.size:
             return self.count
         return self.count.clamp(max=per_class)
