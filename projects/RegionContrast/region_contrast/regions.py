@@ -15,6 +15,7 @@ Pure tensor code: no config, no Detectron2, no I/O.
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "Regions",
@@ -80,6 +81,8 @@ class Regions(NamedTuple):
     width: int  # K, the most regions in one image
     rows: torch.Tensor  # (R,) row of each region among the (N * K) per-image slots
     shape: Tuple[int, int, int]  # (N, H, W) of the labels
+    slot: torch.Tensor  # (N, H*W) position of each pixel's region among its image's, K if none
+    size: torch.Tensor  # (R,) pixels of each region
 
 
 def _invalid_label_error(labels, num_classes, ignore_value):
@@ -126,19 +129,23 @@ def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255
     for i in range(1, n):
         first[i] = first[i - 1] + per_image[i - 1]
     rows = [i * k + j for i, m in enumerate(per_image) for j in range(m)]
-    present = present.view(-1)
-    index = torch.nonzero(present).view(-1)  # (image, class) of each region, in order
+    first = torch.tensor(first, dtype=torch.long, device=device)
+    # Bin -> position among the image's regions (K for the other bins), and -> region id (-1).
+    local = torch.cumsum(present, dim=1) - 1
+    slot = torch.take(F.pad(local, (1, 2), value=k), key)
+    region_id = torch.take(F.pad(local + first.view(n, 1), (1, 2), value=-1), key)
+    index = torch.nonzero(present.view(-1)).view(-1)  # (image, class) of each region, in order
     image_index = torch.div(index, c, rounding_mode="floor")
-    # Bin -> region id: class bins by the running count of regions, the other bins -1.
-    ids = torch.nn.functional.pad((torch.cumsum(present, 0) - 1).view(n, c), (1, 2), value=-1)
     return Regions(
-        torch.take(ids, key).view(-1),
+        region_id.view(-1),
         index - image_index * c,
         image_index,
-        torch.tensor(first, dtype=torch.long, device=device),
+        first,
         k,
         torch.tensor(rows, dtype=torch.long, device=device),
         tuple(labels.shape),
+        slot,
+        counts[:, 1 : c + 1].reshape(-1)[index],
     )
 
 
@@ -155,7 +162,7 @@ def pool_regions(
             (-1 leaves a pixel out), e.g. a random subset of each region's pixels.
 
     A region holds pixels of its own image only, so each image's sums are one matmul with its
-    regions' indicator rows: (D, HW) @ (HW, K), batched over images. This reads the (N, D, H, W)
+    regions' indicator rows: (K, HW) @ (HW, D), batched over images. This reads the (N, D, H, W)
     layout as it is (no transposed copy of the features) and, unlike a scatter of every pixel
     row, runs at matmul speed forwards and backwards.
     """
@@ -167,16 +174,22 @@ def pool_regions(
     n, d = features.shape[:2]
     k = regions.width
     flat = features.to(_accumulation_dtype(features.dtype)).reshape(n, d, -1)
-    key = (regions.region_id if key is None else key).view(n, -1)
-    # Region id -> position among its image's regions; left-out pixels go to an extra column K.
-    local = torch.where(key >= 0, key - regions.first.unsqueeze(1), torch.full_like(key, k))
-    indicator = flat.new_zeros(n, k + 1, key.shape[1])
-    indicator.scatter_(1, local.unsqueeze(1), 1.0)
+    if key is None:
+        slot, size = regions.slot, regions.size
+    else:
+        key = key.view(n, -1)
+        # Region id -> position among its image's regions; left-out pixels go to column K.
+        slot = torch.where(key >= 0, key - regions.first.unsqueeze(1), torch.full_like(key, k))
+        size = None
+    # Column K collects the pixels of no region; it is dropped.
+    indicator = flat.new_zeros(n, k + 1, flat.shape[2]).scatter_(1, slot.unsqueeze(1), 1.0)
     indicator = indicator[:, :k]
-    sums = torch.bmm(flat, indicator.transpose(1, 2)).transpose(1, 2)  # (N, K, D)
-    counts = indicator.sum(dim=2)  # (N, K)
-    sums = sums.reshape(n * k, d)[regions.rows]
-    return sums / counts.reshape(n * k)[regions.rows].clamp(min=1).unsqueeze(1)
+    # Sums in the accumulation dtype, also under autocast (which would run bmm in half).
+    with torch.autocast(device_type=flat.device.type, enabled=False):
+        sums = torch.bmm(indicator, flat.transpose(1, 2)).reshape(n * k, d)[regions.rows]
+    if size is None:
+        size = indicator.sum(dim=2).reshape(n * k)[regions.rows].clamp(min=1)
+    return sums / size.unsqueeze(1)
 
 
 def region_centers(
