@@ -4,6 +4,7 @@ Structure only: no timing is asserted (timings depend on the machine and its loa
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -112,3 +113,24 @@ def test_cuda_without_a_gpu_fails_clearly(tmp_path):
     assert proc.returncode == 2
     assert "CUDA is not available" in proc.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+def test_blocks_pool_every_blocks_pairs_and_keep_the_first_blocks_inference():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(os.path.join(REPO, "tools"))
+    cfg, source = benchmark.digit_scenes_cfg()
+    train, infer = benchmark.bench_recipe_blocks(
+        3, "DigitScenes", cfg, source, torch.device("cpu"), crop=(64, 64), batch_size=2,
+        make_batch=benchmark.digit_scenes_batch, amp=False, warmup=1, repeats=2,
+        infer_repeats=1, seed=0,
+    )
+    assert len(train["blocks"]) == 3
+    assert len(train["rc_times_s"]) == len(train["baseline_times_s"]) == 6
+    pairs = [a / b for a, b in zip(train["rc_times_s"], train["baseline_times_s"])]
+    assert train["ratio_median"] == pytest.approx(statistics.median(pairs))
+    # The first block's full report rides along: memory, the breakdown, the inference check.
+    assert train["memory"]["bank_bytes"] > 0 and train["contrast_loss_active"]
+    assert infer["outputs_identical"] and infer["bank_untouched"]
