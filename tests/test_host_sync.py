@@ -14,6 +14,7 @@ from region_contrast.memory_bank import RegionMemoryBank
 from region_contrast.projection import build_projection_head
 from region_contrast.regions import find_regions, pool_regions
 
+from detectron2.utils.events import EventStorage
 from test_meta_arch import build, make_batch, make_cfg, train_step, v3_head_cfg
 
 NUM_CLASSES = 6
@@ -151,3 +152,29 @@ def test_meta_arch_contrast_after_preparation_never_synchronizes_cuda():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert float(loss) > 0
+
+
+def test_training_step_reads_the_device_four_times(monkeypatch):
+    """
+    Before the backbone: the regions' counts and whether the bank is full. After the forward:
+    the head's check for a batch without labelled pixels, then one read of the statistics and
+    the finiteness checks, which the bank's push reuses instead of reading the rows again.
+    (On a GPU each read waits for everything queued before it.)
+    """
+    model = build(make_cfg())
+    for it in range(2):
+        train_step(model, make_batch(it), it=200 + it)
+    reads = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    model.train()
+    with EventStorage(300):
+        model(make_batch(3))
+    monkeypatch.undo()
+    assert reads == ["tolist", "__bool__", "__bool__", "tolist"], reads

@@ -292,16 +292,24 @@ def test_plan_from_the_banks_class_counts_equals_planning_from_its_classes(per_c
     memory, memory_classes = bank.sample(per_class, generator=g)
     anchors = unit(g, 12, 8)
     anchor_classes = torch.arange(12) % 6
-    fast = plan_region_contrast(anchor_classes, memory, memory_classes,
-                                class_counts=bank.class_counts(per_class))
+    counts, bound = bank.class_counts(per_class)
+    assert bound == (per_class if 0 < per_class < 4 else 4) and int(counts.max()) <= bound
+    fast = plan_region_contrast(anchor_classes, memory, memory_classes, class_counts=counts)
+    # With the host-side bound, spans are padded to it instead of reading the widest one back.
+    padded = plan_region_contrast(anchor_classes, memory, memory_classes, class_counts=counts,
+                                  max_count=bound)
     slow = plan_region_contrast(anchor_classes, memory, memory_classes)
-    for name in ("weight", "num_valid", "pair_counts"):
-        assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    assert padded.cols.shape == (12, bound)
     valid = slow.weight > 0  # rows without positives may point anywhere: they are weighted 0
-    assert torch.equal(fast.cols[valid], slow.cols[valid])
-    assert torch.equal(fast.pad[valid], slow.pad[valid])
+    width = slow.cols.shape[1]
+    for plan in (fast, padded):
+        for name in ("weight", "num_valid", "pair_counts"):
+            assert torch.equal(getattr(plan, name), getattr(slow, name)), name
+        assert torch.equal(plan.cols[valid, :width], slow.cols[valid])
+        assert torch.equal(plan.pad[valid, :width], slow.pad[valid])
+        assert plan.pad[:, width:].all()
     expected = reference_loss(anchors, anchor_classes, memory, memory_classes, 0.1)
-    for plan in (fast, slow):
+    for plan in (fast, padded, slow):
         loss = region_contrast_loss(anchors, anchor_classes, memory, memory_classes, 0.1,
                                     plan=plan)
         torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)

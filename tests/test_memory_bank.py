@@ -272,3 +272,24 @@ def test_snapshot_copy_false_has_the_same_rows_and_copy_true_is_independent(dtyp
         before = copied.clone()
         bank.push(F.normalize(torch.randn(6, 5, generator=g), dim=1), torch.arange(6) % 3)
         assert torch.equal(copied, before)  # a copy never sees later pushes
+
+
+def test_checked_push_reads_nothing_back_and_stores_the_same(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    rows = torch.nn.functional.normalize(torch.randn(9, 3, generator=g), dim=1)
+    classes = torch.tensor([2, 0, 2, 1, 2, 2, 0, 1, 2])
+    plain, checked = RegionMemoryBank(3, 3, 3), RegionMemoryBank(3, 3, 3)
+    plain.push(rows, classes)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    with monkeypatch.context() as m:
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+            m.setattr(torch.Tensor, name, refuse)
+        checked.push(rows, classes, checked=True)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(checked.state_dict()[name], value), name
+    # Unchecked, a push reads the rows back and refuses one that is not finite.
+    with pytest.raises(ValueError, match="not finite"):
+        plain.push(rows.masked_fill(rows > 0.5, float("nan")), classes)

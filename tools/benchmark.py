@@ -1220,7 +1220,7 @@ def main(argv=None):
             ("DigitScenes", digit_cfg, digit_src, digit_crop, digit_batch, digit_scenes_batch,
              False, 2, reps or 30, reps or 20),
             ("Cityscapes", city_cfg, city_src, city_crop, city_batch, street_batch, cuda,
-             2 if cuda else 1, reps or (10 if cuda else 2), reps or (10 if cuda else 2)),
+             2 if cuda else 1, reps or (10 if cuda else 4), reps or (10 if cuda else 2)),
         ]
     report["train_step"], report["inference"] = [], []
     for (name, cfg, src, crop, batch, maker, amp, warm, rep, irep) in plans:

@@ -60,6 +60,7 @@ def plan_region_contrast(
     memory_classes: torch.Tensor,
     *,
     class_counts: Optional[torch.Tensor] = None,
+    max_count: Optional[int] = None,
 ) -> ContrastPlan:
     """
     Groups the memory by class (one sort, unless it already is, as the bank's ``snapshot`` and
@@ -67,7 +68,9 @@ def plan_region_contrast(
 
     ``class_counts`` (rows of each class 0, 1, ...) says that the memory is already grouped by
     class in ascending order, as the bank's ``snapshot`` and ``sample`` return it (the bank's
-    ``class_counts`` gives them); the anchors' classes must then be below its length.
+    ``class_counts`` gives them); the anchors' classes must then be below its length. With
+    ``max_count`` as well, a bound on those counts known on the host (the bank's slots per
+    class), the plan reads nothing back: spans are padded to that width.
     """
     device = memory.device
     anchor_classes = anchor_classes.to(device=device, dtype=torch.long)
@@ -93,7 +96,10 @@ def plan_region_contrast(
             start = first[at]
     valid = (num_pos > 0) & (num_pos < num_memory)
     num_valid = valid.sum()
-    width = int(num_pos.max()) if num_pos.numel() else 0
+    if class_counts is not None and max_count is not None:
+        width = max_count if num_pos.numel() else 0
+    else:
+        width = int(num_pos.max()) if num_pos.numel() else 0
     offsets = torch.arange(width, device=device)
     pad = offsets >= num_pos.unsqueeze(1)
     # Padding repeats the span's first column, a positive for a valid row, so the loss's writes

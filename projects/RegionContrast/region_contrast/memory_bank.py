@@ -95,13 +95,20 @@ class RegionMemoryBank(nn.Module):
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     @torch.no_grad()
-    def push(self, features: torch.Tensor, classes: torch.Tensor) -> None:
+    def push(
+        self, features: torch.Tensor, classes: torch.Tensor, *, checked: bool = False
+    ) -> None:
         """
         Stores detached copies of ``features`` (R, D) under ``classes`` (R,), oldest out first.
 
         Rows of one class are written in order, as if pushed one by one (with more than ``size``
         rows of a class only the last ``size`` remain). Under ``torch.distributed`` with world
         size > 1, this is a collective: every rank must call it, possibly with zero rows.
+
+        ``checked=True`` says the caller has already read that every row is finite in the
+        storage dtype and every class in range, and skips that check and its read of device
+        values. Under ``torch.distributed`` the gathered rows are checked regardless, so that
+        every rank reaches the same decision.
 
         Raises:
             ValueError: for a shape mismatch, a class outside ``[0, num_classes)`` or a row that
@@ -125,30 +132,16 @@ class RegionMemoryBank(nn.Module):
         classes = classes.detach().to(device=device, dtype=torch.long)
         if _world_size() > 1:
             features, classes = _all_gather_rows(features, classes)
-        self._write(features, classes)
+            checked = False
+        self._write(features, classes, checked)
 
-    def _write(self, features: torch.Tensor, classes: torch.Tensor) -> None:
+    def _write(self, features: torch.Tensor, classes: torch.Tensor, checked: bool = False) -> None:
         n = classes.numel()
         if n == 0:
             return
         stored = features.to(self.dtype)
-        # One host read for both checks; the details are worked out only when one fails.
-        finite, low, high = torch.stack(
-            [torch.isfinite(stored).all(), *torch.aminmax(classes)]
-        ).tolist()
-        if low < 0 or high >= self.num_classes:
-            bad_class = (classes < 0) | (classes >= self.num_classes)
-            values = torch.unique(classes[bad_class])[:8].tolist()
-            raise ValueError(
-                f"{int(bad_class.sum())} of {n} rows have classes {values} outside "
-                f"[0, {self.num_classes}); nothing was pushed"
-            )
-        if not finite:
-            num_non_finite = int((~torch.isfinite(stored).all(dim=1)).sum())
-            raise ValueError(
-                f"{num_non_finite} of {n} rows are not finite (NaN/inf, or beyond the range of "
-                f"{self.dtype}); nothing was pushed"
-            )
+        if not checked:
+            self._check(stored, classes)
         cls, order = torch.sort(classes, stable=True)
         stored = stored[order]
         per_class = torch.bincount(cls, minlength=self.num_classes)
@@ -165,11 +158,34 @@ class RegionMemoryBank(nn.Module):
         self.ptr.add_(per_class).remainder_(self.size)
         self.count.add_(per_class).clamp_(max=self.size)
 
-    def class_counts(self, per_class: int = 0) -> torch.Tensor:
-        """(num_classes,) rows of each class that ``sample(per_class)`` returns, on the device."""
+    def _check(self, stored: torch.Tensor, classes: torch.Tensor) -> None:
+        # One host read for both checks; the details are worked out only when one fails.
+        n = classes.numel()
+        finite, low, high = torch.stack(
+            [torch.isfinite(stored).all(), *torch.aminmax(classes)]
+        ).tolist()
+        if low < 0 or high >= self.num_classes:
+            bad_class = (classes < 0) | (classes >= self.num_classes)
+            values = torch.unique(classes[bad_class])[:8].tolist()
+            raise ValueError(
+                f"{int(bad_class.sum())} of {n} rows have classes {values} outside "
+                f"[0, {self.num_classes}); nothing was pushed"
+            )
+        if not finite:
+            num_non_finite = int((~torch.isfinite(stored).all(dim=1)).sum())
+            raise ValueError(
+                f"{num_non_finite} of {n} rows are not finite (NaN/inf, or beyond the range of "
+                f"{self.dtype}); nothing was pushed"
+            )
+
+    def class_counts(self, per_class: int = 0) -> Tuple[torch.Tensor, int]:
+        """
+        (num_classes,) rows of each class that ``sample(per_class)`` returns, on the device, and
+        a bound on them known on the host (slots per class, or ``per_class``).
+        """
         if per_class <= 0 or per_class >= self.size:
-            return self.count
-        return self.count.clamp(max=per_class)
+            return self.count, self.size
+        return self.count.clamp(max=per_class), per_class
 
     def _filled(self) -> torch.Tensor:
         slots = torch.arange(self.size, device=self.count.device)

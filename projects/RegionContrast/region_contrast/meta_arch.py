@@ -266,12 +266,14 @@ class RegionContrastSegmentor(SemanticSegmentor):
         losses = self.sem_seg_head.losses(logits, targets)
         losses["loss_contrast"] = contrast_loss
 
-        # One host read for the finiteness check and the logged statistics (each read waits for
-        # the GPU to finish everything queued before it).
+        # One host read for the finiteness checks (the loss's and, for the bank, the rows') and
+        # the logged statistics (each read waits for the GPU to finish everything queued before).
         bank = self.memory_bank
-        total, pos_cos, neg_cos, filled = torch.stack([
+        device = stats["pos_cos"].device
+        total, pos_cos, neg_cos, filled, rows_finite = torch.stack([
             sum(losses.values()).detach().float(), stats["pos_cos"].float(),
-            stats["neg_cos"].float(), bank.count.sum().to(stats["pos_cos"].device).float(),
+            stats["neg_cos"].float(), bank.count.sum().to(device).float(),
+            torch.isfinite(bank_rows).all().to(device).float(),
         ]).tolist()
         storage = _event_storage()
         if storage is not None:
@@ -286,7 +288,10 @@ class RegionContrastSegmentor(SemanticSegmentor):
         # joins the bank's all-gather (with no rows) so that none of them hangs.
         if not math.isfinite(total):
             bank_rows, bank_classes = bank_rows[:0], bank_classes[:0]
-        bank.push(bank_rows, bank_classes)
+        # Rows are unit vectors (finite in any storage dtype when finite here) and classes come
+        # from validated labels, so the bank need not read them again; if a row is not finite,
+        # the bank's own check names it.
+        bank.push(bank_rows, bank_classes, checked=bool(rows_finite))
         return losses
 
     def sliding_window_inference(self, batched_inputs):
@@ -338,9 +343,9 @@ class RegionContrastSegmentor(SemanticSegmentor):
         memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
         plan = None
         if self.anchors == "region":
-            counts = self.memory_bank.class_counts(self.samples_per_class)
+            counts, bound = self.memory_bank.class_counts(self.samples_per_class)
             plan = plan_region_contrast(regions.classes, memory, memory_classes,
-                                        class_counts=counts)
+                                        class_counts=counts, max_count=bound)
         return _Prepared(labels, regions, memory, memory_classes, plan)
 
     def _contrast(self, embedding, logits, targets, prepared=None):

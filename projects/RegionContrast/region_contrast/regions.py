@@ -99,7 +99,7 @@ def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255
     """
     The regions of ``labels`` (N, H, W) and where each sits among its image's regions, for
     :func:`pool_regions`. All of region pooling's host synchronisation happens here: one read
-    of a few counts (and, on a GPU, the size of one ``nonzero``).
+    of a few counts.
 
     Every pixel falls into one of ``C + 3`` bins of its image (below range, the C classes, above
     range, ignored), so one ``bincount`` finds the regions, checks the labels and sizes the
@@ -134,7 +134,8 @@ def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255
     local = torch.cumsum(present, dim=1) - 1
     slot = torch.take(F.pad(local, (1, 2), value=k), key)
     region_id = torch.take(F.pad(local + first.view(n, 1), (1, 2), value=-1), key)
-    index = torch.nonzero(present.view(-1)).view(-1)  # (image, class) of each region, in order
+    # (image, class) of each region, in order; the count is known, so no second read back.
+    index = torch.nonzero_static(present.view(-1), size=sum(per_image)).view(-1)
     image_index = torch.div(index, c, rounding_mode="floor")
     return Regions(
         region_id.view(-1),
