@@ -163,7 +163,7 @@ def pool_regions(
             (-1 leaves a pixel out), e.g. a random subset of each region's pixels.
 
     A region holds pixels of its own image only, so each image's sums are one matmul with its
-    regions' indicator rows: (K, HW) @ (HW, D), batched over images. This reads the (N, D, H, W)
+    regions' indicator rows: (D, HW) @ (HW, K), batched over images. This reads the (N, D, H, W)
     layout as it is (no transposed copy of the features) and, unlike a scatter of every pixel
     row, runs at matmul speed forwards and backwards.
     """
@@ -187,7 +187,9 @@ def pool_regions(
     indicator = indicator[:, :k]
     # Sums in the accumulation dtype, also under autocast (which would run bmm in half).
     with torch.autocast(device_type=flat.device.type, enabled=False):
-        sums = torch.bmm(indicator, flat.transpose(1, 2)).reshape(n * k, d)[regions.rows]
+        # (D, HW) @ (HW, K): the features' own layout; the other way round copies them.
+        sums = torch.bmm(flat, indicator.transpose(1, 2)).transpose(1, 2)
+        sums = sums.reshape(n * k, d)[regions.rows]
     if size is None:
         size = indicator.sum(dim=2).reshape(n * k)[regions.rows].clamp(min=1)
     return sums / size.unsqueeze(1)
