@@ -134,3 +134,24 @@ def test_blocks_pool_every_blocks_pairs_and_keep_the_first_blocks_inference():
     # The first block's full report rides along: memory, the breakdown, the inference check.
     assert train["memory"]["bank_bytes"] > 0 and train["contrast_loss_active"]
     assert infer["outputs_identical"] and infer["bank_untouched"]
+
+
+def test_resampled_interval_brackets_the_pooled_median_and_narrows_with_data():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(os.path.join(REPO, "tools"))
+    import random
+
+    rng = random.Random(1)
+    # Blocks whose medians differ (the machine's state), each with noisy pairs around it.
+    blocks = [[1.0 + shift + rng.gauss(0, 0.02) for _ in range(30)]
+              for shift in (0.00, 0.03, 0.01, 0.04, 0.02, 0.03)]
+    pooled = statistics.median([r for b in blocks for r in b])
+    lo, hi = benchmark.resampled_interval(blocks)
+    assert lo <= pooled <= hi and hi - lo < 0.05
+    assert benchmark.resampled_interval(blocks) == [lo, hi]  # seeded: the same every run
+    lo_few, hi_few = benchmark.resampled_interval(blocks[:2])
+    assert hi_few - lo_few > hi - lo
+    assert benchmark.resampled_interval([[1.02] * 5] * 3) == [1.02, 1.02]
