@@ -134,6 +134,7 @@ def test_blocks_pool_every_blocks_pairs_and_keep_the_first_blocks_inference():
     # The first block's full report rides along: memory, the breakdown, the inference check.
     assert train["memory"]["bank_bytes"] > 0 and train["contrast_loss_active"]
     assert infer["outputs_identical"] and infer["bank_untouched"]
+    assert len(train["phases_s"]["rc"]) == 6 and len(train["phases_s"]["rc"][0]) == 3
 
 
 def test_resampled_interval_brackets_the_pooled_median_and_narrows_with_data():
@@ -155,3 +156,17 @@ def test_resampled_interval_brackets_the_pooled_median_and_narrows_with_data():
     lo_few, hi_few = benchmark.resampled_interval(blocks[:2])
     assert hi_few - lo_few > hi - lo
     assert benchmark.resampled_interval([[1.02] * 5] * 3) == [1.02, 1.02]
+
+
+def test_phase_extra_is_the_median_pairwise_difference():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(os.path.join(REPO, "tools"))
+    phases = {"rc": [(0.050, 0.080, 0.013), (0.052, 0.081, 0.014), (0.060, 0.079, 0.013)],
+              "baseline": [(0.047, 0.079, 0.013), (0.049, 0.081, 0.013), (0.050, 0.080, 0.013)]}
+    extra = benchmark.phase_extra_ms(phases)
+    assert extra["forward"] == pytest.approx(3.0)
+    assert extra["backward"] == pytest.approx(0.0)
+    assert extra["optimizer"] == pytest.approx(0.0)

@@ -147,11 +147,23 @@ def bench_recipe_blocks(blocks, *args, **kwargs):
                         for r in runs]
     pooled["ratio_interval_95"] = resampled_interval(
         [[a / b for a, b in zip(r["rc_times_s"], r["baseline_times_s"])] for r in runs])
+    if all("phases_s" in r for r in runs):
+        pooled["phases_s"] = {k: [p for r in runs for p in r["phases_s"][k]]
+                              for k in ("rc", "baseline")}
     pooled["images_per_s"] = {
         "rc": train["batch"] / pooled["rc_s"]["median"],
         "baseline": train["batch"] / pooled["baseline_s"]["median"],
     }
     return {**train, **pooled}, infer
+
+
+def phase_extra_ms(phases):
+    """Median over pairs of RC's extra forward, backward and optimizer time, in ms."""
+    return {
+        name: 1000.0 * statistics.median(a[i] - b[i] for a, b in zip(phases["rc"],
+                                                                     phases["baseline"]))
+        for i, name in enumerate(("forward", "backward", "optimizer"))
+    }
 
 
 def _sync(device):
@@ -638,35 +650,51 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
     def make_step(model):
         optimizer = build_optimizer(rc_cfg, model)
         scaler = torch.amp.GradScaler("cuda") if amp else None
-        state = {"k": 0}
+        # Forward, backward and optimizer time of every call (on the CPU, where the host's
+        # clock is the work's; on CUDA it would be launch time).
+        state = {"k": 0, "phases": []}
 
         def step():
             batch = batches[state["k"] % len(batches)]
             state["k"] += 1
             model.train()
             with EventStorage(it):
+                start = time.perf_counter()
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
                     losses = model(batch)
                 total = sum(losses.values())
+                forward = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(total).backward()
+                    backward = time.perf_counter()
                     scaler.step(optimizer)
                     scaler.update()
                 else:
                     total.backward()
+                    backward = time.perf_counter()
                     optimizer.step()
+                done = time.perf_counter()
+            state["phases"].append((forward - start, backward - forward, done - backward))
             state["losses"] = {k: float(v.detach()) for k, v in losses.items()}
 
         return step, state
 
     rc_step, rc_state = make_step(rc)
-    bl_step, _ = make_step(baseline)
+    bl_step, bl_state = make_step(baseline)
     interleave(rc_step, bl_step, warmup, 0, device)
+
+    def timed_pairs():
+        result = compare(*interleave(rc_step, bl_step, 0, repeats, device))
+        if device.type == "cpu":
+            result["phases_s"] = {"rc": rc_state["phases"][-repeats:],
+                                  "baseline": bl_state["phases"][-repeats:]}
+        return result
+
     if train_only:
         # The first block's profiled pair also warms up: one more untimed pair here.
         interleave(rc_step, bl_step, 1, 0, device)
-        return compare(*interleave(rc_step, bl_step, 0, repeats, device))
+        return timed_pairs()
     # After the first steps (optimizer state exists), one profiled pair: also a warm-up pair.
     kept = {}
     undo = _instrument(rc)
@@ -686,8 +714,7 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
         breakdown = rc_breakdown(kept.pop("prof"), sum(p.numel() for p in rc.projector.parameters())
                                  if rc.projector is not None else 0,
                                  sum(p.numel() for p in rc.parameters()))
-    t_rc, t_bl = interleave(rc_step, bl_step, 0, repeats, device)
-    train = compare(t_rc, t_bl)
+    train = timed_pairs()
     train["profiled_breakdown"] = breakdown
     train["images_per_s"] = {
         "rc": batch_size / train["rc_s"]["median"],
@@ -1110,6 +1137,10 @@ def format_report(r):
             lines.append(f"   {t['recipe']}: {len(t['rc_times_s'])} pairs pooled from "
                          f"{len(t['blocks'])} blocks (fresh models each); block medians "
                          + ", ".join(f"{b['ratio_median']:.3f}" for b in t["blocks"]))
+            if t.get("phases_s"):
+                extra = phase_extra_ms(t["phases_s"])
+                lines.append(f"   {t['recipe']}: RC's extra time, median over pairs: " + ", ".join(
+                    f"{k} {v:+.1f} ms" for k, v in extra.items()))
             if t.get("ratio_interval_95"):
                 lo, hi = t["ratio_interval_95"]
                 lines.append(f"   {t['recipe']}: pooled median {t['ratio_median']:.3f}, 95% "
