@@ -115,16 +115,22 @@ def test_cuda_without_a_gpu_fails_clearly(tmp_path):
     assert not (tmp_path / "c.json").exists()
 
 
-def test_blocks_pool_every_blocks_pairs_and_keep_the_first_blocks_inference():
+@pytest.fixture(scope="module")
+def benchmark_tool():
+    """tools/benchmark.py as a module, for its pure functions."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
     try:
-        import benchmark
+        import benchmark as module
     finally:
         sys.path.remove(os.path.join(REPO, "tools"))
-    cfg, source = benchmark.digit_scenes_cfg()
-    train, infer = benchmark.bench_recipe_blocks(
+    return module
+
+
+def test_blocks_pool_every_blocks_pairs_and_keep_the_first_blocks_inference(benchmark_tool):
+    cfg, source = benchmark_tool.digit_scenes_cfg()
+    train, infer = benchmark_tool.bench_recipe_blocks(
         3, "DigitScenes", cfg, source, torch.device("cpu"), crop=(64, 64), batch_size=2,
-        make_batch=benchmark.digit_scenes_batch, amp=False, warmup=1, repeats=2,
+        make_batch=benchmark_tool.digit_scenes_batch, amp=False, warmup=1, repeats=2,
         infer_repeats=1, seed=0,
     )
     assert len(train["blocks"]) == 3
@@ -137,12 +143,7 @@ def test_blocks_pool_every_blocks_pairs_and_keep_the_first_blocks_inference():
     assert len(train["phases_s"]["rc"]) == 6 and len(train["phases_s"]["rc"][0]) == 3
 
 
-def test_resampled_interval_brackets_the_pooled_median_and_narrows_with_data():
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(os.path.join(REPO, "tools"))
+def test_resampled_interval_brackets_the_pooled_median_and_narrows_with_data(benchmark_tool):
     import random
 
     rng = random.Random(1)
@@ -150,23 +151,18 @@ def test_resampled_interval_brackets_the_pooled_median_and_narrows_with_data():
     blocks = [[1.0 + shift + rng.gauss(0, 0.02) for _ in range(30)]
               for shift in (0.00, 0.03, 0.01, 0.04, 0.02, 0.03)]
     pooled = statistics.median([r for b in blocks for r in b])
-    lo, hi = benchmark.resampled_interval(blocks)
+    lo, hi = benchmark_tool.resampled_interval(blocks)
     assert lo <= pooled <= hi and hi - lo < 0.05
-    assert benchmark.resampled_interval(blocks) == [lo, hi]  # seeded: the same every run
-    lo_few, hi_few = benchmark.resampled_interval(blocks[:2])
+    assert benchmark_tool.resampled_interval(blocks) == [lo, hi]  # seeded: the same every run
+    lo_few, hi_few = benchmark_tool.resampled_interval(blocks[:2])
     assert hi_few - lo_few > hi - lo
-    assert benchmark.resampled_interval([[1.02] * 5] * 3) == [1.02, 1.02]
+    assert benchmark_tool.resampled_interval([[1.02] * 5] * 3) == [1.02, 1.02]
 
 
-def test_phase_extra_is_the_median_pairwise_difference():
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(os.path.join(REPO, "tools"))
+def test_phase_extra_is_the_median_pairwise_difference(benchmark_tool):
     phases = {"rc": [(0.050, 0.080, 0.013), (0.052, 0.081, 0.014), (0.060, 0.079, 0.013)],
               "baseline": [(0.047, 0.079, 0.013), (0.049, 0.081, 0.013), (0.050, 0.080, 0.013)]}
-    extra = benchmark.phase_extra_ms(phases)
+    extra = benchmark_tool.phase_extra_ms(phases)
     assert extra["forward"] == pytest.approx(3.0)
     assert extra["backward"] == pytest.approx(0.0)
     assert extra["optimizer"] == pytest.approx(0.0)

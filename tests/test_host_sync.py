@@ -54,15 +54,27 @@ def planned_contrast(device, samples_per_class):
 
 
 @contextlib.contextmanager
-def no_host_reads(monkeypatch):
-    """Python-level host reads of tensor values raise inside the block."""
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("a tensor value was read on the host")
-
+def watched_host_reads(monkeypatch, on_read):
+    """Inside the block, every Python-level host read of a tensor value calls ``on_read(name)``
+    first (which may raise to refuse it)."""
     with monkeypatch.context() as m:
         for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
-            m.setattr(torch.Tensor, name, refuse)
+            original = getattr(torch.Tensor, name)
+
+            def watched(self, *a, _original=original, _name=name, **k):
+                on_read(_name)
+                return _original(self, *a, **k)
+
+            m.setattr(torch.Tensor, name, watched)
         yield
+
+
+def no_host_reads(monkeypatch):
+    """Python-level host reads of tensor values raise inside the block."""
+    def refuse(_name):
+        raise AssertionError("a tensor value was read on the host")
+
+    return watched_host_reads(monkeypatch, refuse)
 
 
 @pytest.mark.parametrize("samples_per_class", [0, 3])
@@ -165,16 +177,7 @@ def test_training_step_reads_the_device_four_times(monkeypatch):
     for it in range(2):
         train_step(model, make_batch(it), it=200 + it)
     reads = []
-    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _original=original, _name=name, **k):
-            reads.append(_name)
-            return _original(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
     model.train()
-    with EventStorage(300):
+    with EventStorage(300), watched_host_reads(monkeypatch, reads.append):
         model(make_batch(3))
-    monkeypatch.undo()
     assert reads == ["tolist", "__bool__", "__bool__", "tolist"], reads

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from region_contrast.memory_bank import RegionMemoryBank
 
+from test_host_sync import no_host_reads
+
 
 class ListBank:
     """The FIFO as one Python list per class, fed row by row: obviously correct, slow."""
@@ -280,13 +282,7 @@ def test_checked_push_reads_nothing_back_and_stores_the_same(monkeypatch):
     classes = torch.tensor([2, 0, 2, 1, 2, 2, 0, 1, 2])
     plain, checked = RegionMemoryBank(3, 3, 3), RegionMemoryBank(3, 3, 3)
     plain.push(rows, classes)
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("a tensor value was read on the host")
-
-    with monkeypatch.context() as m:
-        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
-            m.setattr(torch.Tensor, name, refuse)
+    with no_host_reads(monkeypatch):
         checked.push(rows, classes, checked=True)
     for name, value in plain.state_dict().items():
         assert torch.equal(checked.state_dict()[name], value), name
