@@ -313,3 +313,13 @@ def test_plan_from_the_banks_class_counts_equals_planning_from_its_classes(per_c
         loss = region_contrast_loss(anchors, anchor_classes, memory, memory_classes, 0.1,
                                     plan=plan)
         torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_anchors_against_a_float32_memory_are_computed_in_float64():
+    anchors, anchor_classes, memory, memory_classes = make_case(3, dtype=torch.float64)
+    memory32 = memory.float()
+    loss, grad = loss_and_grad(anchors, anchor_classes, memory32, memory_classes, 0.1)
+    same, same_grad = loss_and_grad(anchors, anchor_classes, memory32.double(), memory_classes, 0.1)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, same, rtol=1e-15, atol=0.0)
+    torch.testing.assert_close(grad, same_grad, rtol=1e-15, atol=0.0)

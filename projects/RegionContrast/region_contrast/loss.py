@@ -262,8 +262,10 @@ def region_contrast_loss(
             num_valid = torch.zeros((), dtype=torch.long, device=a.device)
             stats = {"pos_cos": nan, "neg_cos": nan.clone(), "num_valid": num_valid}
         else:
-            if plan is None:
-                plan = plan_region_contrast(anchor_classes, memory.detach(), memory_classes)
+            if plan is None:  # planned in the computation's dtype: its weights are exact there
+                plan = plan_region_contrast(
+                    anchor_classes, memory.detach().to(device=a.device, dtype=dtype), memory_classes
+                )
             elif plan.cols.shape[0] != a.shape[0] or plan.memory.shape != memory.shape:
                 raise ValueError(
                     f"the plan was made for {plan.cols.shape[0]} anchors and a memory of "
@@ -271,10 +273,10 @@ def region_contrast_loss(
                 )
             m = plan.memory.detach().to(device=a.device, dtype=dtype)
             if plan.cols.device != a.device or plan.weight.dtype != dtype:
-                moved = ("cols", "pad", "weight", "num_valid", "pair_counts")
-                plan = plan._replace(**{k: getattr(plan, k).to(a.device) for k in moved})
-                plan = plan._replace(weight=plan.weight.to(dtype),
-                                     pair_counts=plan.pair_counts.to(dtype))
+                moved = {k: getattr(plan, k).to(a.device) for k in ("cols", "pad", "num_valid")}
+                moved.update({k: getattr(plan, k).to(a.device, dtype)
+                              for k in ("weight", "pair_counts")})
+                plan = plan._replace(**moved)
             loss, num_valid, cosines = _RegionContrastLoss.apply(
                 a, m, plan, float(temperature), int(max_elements)
             )
