@@ -256,6 +256,7 @@ def test_fill_fraction_nbytes_repr():
     assert bank.fill_fraction() == 0.0
     bank.push(torch.randn(25, 256), torch.tensor([0] * 15 + [1] * 10))
     assert bank.fill_fraction() == pytest.approx(20 / 1710)
+    assert bank.num_slots == 1710
     assert bank.nbytes == 171 * 10 * 256 * 2
     text = repr(bank)
     assert "num_classes=171" in text and "size=10" in text and "MiB" in text

@@ -118,7 +118,7 @@ def main(argv=None):
             "checkpoint."
         )
     class_names, colors = class_metadata(args.config_file, args.opts, bank.num_classes)
-    slots = bank.num_classes * bank.size
+    slots = bank.num_slots
     title = (f"{os.path.basename(args.checkpoint)}: {classes.numel():,} of {slots:,} bank slots "
              "filled")
     images = memory_summary_images(

@@ -87,9 +87,13 @@ class RegionMemoryBank(nn.Module):
             f"dtype={self.dtype}, memory={self.nbytes / 2**20:.1f} MiB"
         )
 
+    @property
+    def num_slots(self) -> int:
+        return self.num_classes * self.size
+
     def fill_fraction(self) -> float:
         """Filled slots / all slots, in [0, 1]."""
-        return float(self.count.sum()) / (self.num_classes * self.size)
+        return float(self.count.sum()) / self.num_slots
 
     def _output_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == torch.float64 else torch.float32

@@ -278,7 +278,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
         storage = _event_storage()
         if storage is not None:
             storage.put_scalars(
-                region_contrast_bank_fill=filled / (bank.num_classes * bank.size),
+                region_contrast_bank_fill=filled / bank.num_slots,
                 region_contrast_pos_cos=pos_cos,
                 region_contrast_neg_cos=neg_cos,
                 smoothing_hint=False,
