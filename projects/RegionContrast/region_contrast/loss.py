@@ -32,7 +32,7 @@ from typing import Dict, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ContrastPlan", "plan_region_contrast", "region_contrast_loss"]
+__all__ = ["ContrastPlan", "plan_padded_contrast", "plan_region_contrast", "region_contrast_loss"]
 
 _DEFAULT_MAX_ELEMENTS = 2**24
 
@@ -52,6 +52,10 @@ class ContrastPlan(NamedTuple):
     weight: torch.Tensor
     num_valid: torch.Tensor  # () long, anchors with at least one positive and one negative
     pair_counts: torch.Tensor  # (2,) anchor-positive and anchor-negative pairs, as weight's dtype
+    # (M,) bool: memory rows that are not there (unfilled slots of a fixed-shape memory), or None.
+    excluded: Optional[torch.Tensor] = None
+    # (A,) 1 for anchors that exist, 0 for padding rows of a fixed-shape batch, or None (all 1).
+    anchor_mask: Optional[torch.Tensor] = None
 
 
 def plan_region_contrast(
@@ -112,6 +116,40 @@ def plan_region_contrast(
     return ContrastPlan(memory, cols, pad, weight, num_valid, pair_counts.to(dtype))
 
 
+def plan_padded_contrast(
+    anchor_classes: torch.Tensor,
+    anchor_valid: torch.Tensor,
+    memory: torch.Tensor,
+    filled: torch.Tensor,
+) -> ContrastPlan:
+    """
+    The plan for fixed shapes, with no host read: what a CUDA graph can capture.
+
+    The memory (C * S, D) is C classes of S rows each, of which ``filled`` (C, S) says which are
+    there; each class's filled rows come first (the bank's ``padded_rows``). Anchors whose
+    ``anchor_valid`` (A,) is False are padding: they take no part in the loss or its
+    statistics. The loss is then that of the real anchors against the filled rows, as
+    :func:`plan_region_contrast` plans it.
+    """
+    device = memory.device
+    num_classes, width = filled.shape
+    anchor_classes = anchor_classes.to(device=device, dtype=torch.long)
+    counts = filled.sum(dim=1)
+    num_pos = torch.where(anchor_valid, counts[anchor_classes], 0)
+    total = counts.sum()
+    valid = anchor_valid & (num_pos > 0) & (num_pos < total)
+    num_valid = valid.sum()
+    offsets = torch.arange(width, device=device)
+    pad = offsets >= num_pos.unsqueeze(1)
+    cols = (anchor_classes * width).unsqueeze(1) + offsets.masked_fill(pad, 0)
+    dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    weight = valid.to(dtype) / (num_pos.clamp(min=1) * num_valid.clamp(min=1))
+    num_pairs = num_pos.sum()
+    pair_counts = torch.stack([num_pairs, anchor_valid.sum() * total - num_pairs])
+    return ContrastPlan(memory, cols, pad, weight, num_valid, pair_counts.to(dtype),
+                        ~filled.reshape(-1), anchor_valid.to(dtype))
+
+
 _SOFTPLUS_TAIL = 40.0  # past it, log(1 + e^x) = x to within e^-40 / 40: below float64's epsilon
 
 
@@ -127,7 +165,7 @@ def _softplus_and_sigmoid(x):
     return softplus, y.div_(u)
 
 
-def _chunk(scaled, cols, pad, weight, memory, with_grad):
+def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad):
     """
     A chunk of anchors (already divided by t): their weighted loss terms, and optionally the
     gradient of that sum with respect to ``scaled``.
@@ -138,7 +176,9 @@ def _chunk(scaled, cols, pad, weight, memory, with_grad):
     Returns (weighted sum of the terms, sum of positive logits, sum of all logits, grad).
     """
     logits = scaled @ memory.t()
-    logit_sum = logits.sum()
+    if excluded is not None:
+        logits.masked_fill_(excluded, 0.0)
+    logit_sum = logits.sum() if anchor_mask is None else logits.sum(dim=1) @ anchor_mask
     pos_logits = logits.gather(1, cols)
     pos_sum = pos_logits.masked_fill(pad, 0.0).sum()
     # l = +inf on padding makes x = -inf there: its softplus and sigmoid are exactly 0.
@@ -147,6 +187,8 @@ def _chunk(scaled, cols, pad, weight, memory, with_grad):
     # Shifted by the negatives' max, their exps sum to >= 1: L never under- or overflows. A row
     # without negatives (max -inf) gets a finite stand-in; its exps are all 0.
     logits.scatter_(1, cols, float("-inf"))
+    if excluded is not None:
+        logits.masked_fill_(excluded, float("-inf"))
     shift = logits.amax(dim=1).clamp_(min=torch.finfo(logits.dtype).min)
     neg = logits.sub_(shift.unsqueeze(1)).exp_()  # positives are exp(-inf) = 0
     neg_sum = neg.sum(dim=1)
@@ -180,13 +222,15 @@ class _RegionContrastLoss(torch.autograd.Function):
         chunk = _chunk_rows(num_anchors, memory.shape[0], max_elements)
         scaled = anchors / temperature
         with_grad = ctx.needs_input_grad[0]
-        per_anchor = (plan.cols, plan.pad, plan.weight)
+        per_anchor = (plan.cols, plan.pad, plan.weight, plan.anchor_mask)
         if chunk >= num_anchors:  # the usual case: no slices, no accumulation
-            loss, pos_sum, logit_sum, grad = _chunk(scaled, *per_anchor, memory, with_grad)
+            loss, pos_sum, logit_sum, grad = _chunk(scaled, *per_anchor, memory, plan.excluded,
+                                                    with_grad)
         else:
             parts = [
-                _chunk(scaled[lo : lo + chunk], *(t[lo : lo + chunk] for t in per_anchor),
-                       memory, with_grad)
+                _chunk(scaled[lo : lo + chunk],
+                       *(None if t is None else t[lo : lo + chunk] for t in per_anchor),
+                       memory, plan.excluded, with_grad)
                 for lo in range(0, num_anchors, chunk)
             ]
             loss, pos_sum, logit_sum = (torch.stack(v).sum() for v in list(zip(*parts))[:3])
@@ -230,8 +274,8 @@ def region_contrast_loss(
             (mean cosine over all anchor-positive / anchor-negative pairs, NaN when there are
             none) and ``num_valid`` (anchors with at least one positive and one negative).
         max_elements: logits computed at most this many at a time (chunks of anchors).
-        plan: :func:`plan_region_contrast` of these classes and memory, made earlier; the loss
-            then reads no device value on the host.
+        plan: :func:`plan_region_contrast` (or :func:`plan_padded_contrast`) of these classes
+            and memory, made earlier; the loss then reads no device value on the host.
 
     Returns:
         A float32 scalar (float64 for float64 inputs): the mean loss over valid anchors, or a
@@ -273,9 +317,12 @@ def region_contrast_loss(
                 )
             m = plan.memory.detach().to(device=a.device, dtype=dtype)
             if plan.cols.device != a.device or plan.weight.dtype != dtype:
-                moved = {k: getattr(plan, k).to(a.device) for k in ("cols", "pad", "num_valid")}
+                moved = {k: getattr(plan, k).to(a.device)
+                         for k in ("cols", "pad", "num_valid", "excluded")
+                         if getattr(plan, k) is not None}
                 moved.update({k: getattr(plan, k).to(a.device, dtype)
-                              for k in ("weight", "pair_counts")})
+                              for k in ("weight", "pair_counts", "anchor_mask")
+                              if getattr(plan, k) is not None})
                 plan = plan._replace(**moved)
             loss, num_valid, cosines = _RegionContrastLoss.apply(
                 a, m, plan, float(temperature), int(max_elements)

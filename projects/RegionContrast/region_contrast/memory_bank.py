@@ -236,16 +236,39 @@ class RegionMemoryBank(nn.Module):
         """
         if per_class <= 0 or per_class >= self.size:
             return self.snapshot(copy=copy)
+        rows, ok = self.padded_rows(per_class, generator=generator)
+        ok = ok.view(-1)
+        classes = self._class_grid().expand(-1, per_class).reshape(-1)
+        return rows[ok], classes[ok]
+
+    @torch.no_grad()
+    def padded_rows(
+        self, per_class: int = 0, *, generator: Optional[torch.Generator] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        :meth:`sample` in fixed shapes and without reading device values on the host (what a
+        CUDA graph can capture): S slots of every class whether filled or not, S the slots per
+        class (``per_class <= 0``) or ``per_class`` slots drawn as :meth:`sample` draws them.
+
+        Returns:
+            features: (num_classes * S, D) float32 (float64 for a float64 bank), grouped by
+                class; a float32 (float64) bank with ``per_class <= 0`` gives a view of the
+                buffer, which the next :meth:`push` overwrites.
+            filled: (num_classes, S) bool, which rows are filled slots; each class's filled rows
+                come first. :meth:`sample` returns exactly the filled rows.
+        """
         filled = self._filled()
+        if per_class <= 0 or per_class >= self.size:
+            return self.features.view(-1, self.dim).to(self._output_dtype()), filled
         keys = torch.rand(
             self.num_classes, self.size, generator=generator, device=self.features.device
         )
         keys.masked_fill_(~filled, 2.0)
+        # Ascending: the drawn filled slots come first, unfilled ones (key 2) last.
         top, slots = keys.topk(per_class, dim=1, largest=False)
-        ok = top < 1.5  # a real draw is in [0, 1); unfilled slots were set to 2
-        classes = self._class_grid().expand(-1, per_class)[ok]
-        rows = self.features.view(-1, self.dim).index_select(0, classes * self.size + slots[ok])
-        return rows.to(self._output_dtype()), classes
+        index = (self._class_grid() * self.size + slots).view(-1)
+        rows = self.features.view(-1, self.dim).index_select(0, index)
+        return rows.to(self._output_dtype()), top < 1.5  # a real draw is in [0, 1)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -19,9 +19,10 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 
+from .graphed_contrast import GraphedSlotContrast
 from .loss import ContrastPlan, plan_region_contrast, region_contrast_loss
 from .memory_bank import RegionMemoryBank
-from .projection import build_projection_head
+from .projection import build_projection_head, project
 from .regions import (
     Regions,
     dynamic_subset_centers,
@@ -50,9 +51,11 @@ class _Prepared(NamedTuple):
 
     labels: torch.Tensor  # (N, h, w) at the embedding's resolution
     regions: Regions
-    memory: torch.Tensor
-    memory_classes: torch.Tensor
+    memory: Optional[torch.Tensor]  # None when the contrast runs in fixed shapes
+    memory_classes: Optional[torch.Tensor]
     plan: Optional[ContrastPlan]  # None for pixel anchors: their classes are drawn later
+    # (N * K,) class of each of the images' K slots, for the fixed-shape contrast; else None.
+    slot_classes: Optional[torch.Tensor] = None
 
 
 def _check_region_contrast_cfg(rc):
@@ -141,6 +144,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
         dynamic_samples: int = 0,
         dynamic_fraction: float = 0.5,
         warmup_iters: int = 0,
+        cuda_graphs: bool = False,
         window_size: Optional[Sequence[int]] = None,
         window_stride: Optional[Sequence[int]] = None,
         window_batch_size: int = 4,
@@ -161,6 +165,8 @@ class RegionContrastSegmentor(SemanticSegmentor):
             dynamic_samples, dynamic_fraction: extra bank entries per region, each the mean of a
                 random ``dynamic_fraction`` of its pixels.
             warmup_iters: iterations before the contrastive loss is added (the bank still fills).
+            cuda_graphs: on CUDA, run the contrast of region anchors from ground-truth regions
+                without dynamic samples as captured CUDA graphs (:mod:`.graphed_contrast`).
             window_size, window_stride: (height, width) of the windows of sliding-window
                 evaluation and of the step between them; None evaluates the whole image.
             window_batch_size: windows per forward pass in sliding-window evaluation.
@@ -181,6 +187,12 @@ class RegionContrastSegmentor(SemanticSegmentor):
         self.dynamic_samples = dynamic_samples
         self.dynamic_fraction = dynamic_fraction
         self.warmup_iters = warmup_iters
+        self.cuda_graphs = cuda_graphs
+        # A plain attribute: the runner holds the projector and the bank, not new state.
+        self.__dict__["_graphed"] = None if memory_bank is None else GraphedSlotContrast(
+            projector=projector, bank=memory_bank, temperature=temperature,
+            samples_per_class=samples_per_class,
+        )
         if (window_size is None) != (window_stride is None):
             raise ValueError("window_size and window_stride are given together or not at all")
         self.window_size = None if window_size is None else tuple(window_size)
@@ -227,6 +239,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
             dynamic_samples=rc.DYNAMIC_SAMPLES,
             dynamic_fraction=rc.DYNAMIC_FRACTION,
             warmup_iters=rc.WARMUP_ITERS,
+            cuda_graphs=rc.CUDA_GRAPHS,
         )
         return ret
 
@@ -257,7 +270,8 @@ class RegionContrastSegmentor(SemanticSegmentor):
         stride = getattr(self.sem_seg_head, "embedding_stride", None)
         if self.region_source == "gt" and stride:
             height, width = images.tensor.shape[-2:]
-            prepared = self._prepare(targets, (height // stride, width // stride))
+            prepared = self._prepare(targets, (height // stride, width // stride),
+                                     fixed_shapes=self._runs_graphed())
         features = self.backbone(images.tensor)
         logits, embedding = self.sem_seg_head.forward_features(features)
         contrast_loss, bank_rows, bank_classes, stats = self._contrast(
@@ -322,12 +336,20 @@ class RegionContrastSegmentor(SemanticSegmentor):
         return logits
 
     def _project(self, x):
-        if self.projector is not None:
-            x = self.projector(x)
-        return F.normalize(x, dim=1)
+        return project(self.projector, x)
 
-    def _prepare(self, targets, size, pred=None):
-        """Labels at ``size``, their regions, the bank read for this step and the loss's plan."""
+    def _runs_graphed(self):
+        """Whether this step's contrast runs as CUDA graphs (the fixed-shape contrast)."""
+        return (self.cuda_graphs and self.device.type == "cuda" and torch.is_grad_enabled()
+                and self.anchors == "region" and self.region_source == "gt"
+                and self.dynamic_samples == 0)
+
+    def _prepare(self, targets, size, pred=None, fixed_shapes=False):
+        """
+        Labels at ``size``, their regions, the bank read for this step and the loss's plan;
+        with ``fixed_shapes``, the regions in power-of-two slots per image and their classes
+        instead of the bank read (the graphs read the bank themselves).
+        """
         ignore = self.sem_seg_head.ignore_value
         (height, width), (h, w) = targets.shape[-2:], size
         if height == h * (height // h) and width == w * (width // w):
@@ -338,7 +360,11 @@ class RegionContrastSegmentor(SemanticSegmentor):
             labels = labels.long()
         if pred is not None:  # predicted regions; ignored pixels stay ignored
             labels = torch.where(labels == ignore, labels, pred)
-        regions = find_regions(labels, self.num_classes, ignore)
+        regions = find_regions(labels, self.num_classes, ignore, round_width=fixed_shapes)
+        if fixed_shapes:
+            slot_classes = regions.classes.new_zeros(labels.shape[0] * regions.width)
+            slot_classes[regions.rows] = regions.classes
+            return _Prepared(labels, regions, None, None, None, slot_classes)
         # No copy of the bank: the loss is done with it before the step's push.
         memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
         plan = None
@@ -365,8 +391,16 @@ class RegionContrastSegmentor(SemanticSegmentor):
                 prepared = self._prepare(
                     targets, embedding.shape[-2:], pred if self.region_source == "pred" else None
                 )
+            regions = prepared.regions
+            if prepared.slot_classes is not None and self._runs_graphed():
+                loss, cosines, slot_rows = self._graphed(
+                    embedding, regions.slot, prepared.slot_classes, regions.width
+                )
+                return (self._weighted(loss), slot_rows[regions.rows], regions.classes,
+                        {"pos_cos": cosines[0], "neg_cos": cosines[1]})
+            if prepared.memory is None:  # prepared for the graphs, but gradients are off
+                prepared = self._prepare(targets, embedding.shape[-2:])
             labels, regions = prepared.labels, prepared.regions
-
             classes = regions.classes
             region_embeddings = self._project(pool_regions(embedding, regions))
             if self.anchors == "pixel":
@@ -389,12 +423,15 @@ class RegionContrastSegmentor(SemanticSegmentor):
                     bank_rows = torch.cat([bank_rows, self._project(extra)])
                     bank_classes = torch.cat([bank_classes, extra_classes])
 
+        return self._weighted(loss), bank_rows, bank_classes, stats
+
+    def _weighted(self, loss):
         weight = self.loss_weight
         storage = _event_storage()
         if storage is not None and storage.iter < self.warmup_iters:
             # Weight 0 rather than skipping: every parameter stays in the graph for DDP.
             weight = 0.0
-        return loss * weight, bank_rows, bank_classes, stats
+        return loss * weight
 
     def _pixel_anchors(self, embedding, regions, labels, pred):
         """Up to ``pixels_per_region`` pixel embeddings per region, half hard when possible."""

@@ -1,6 +1,10 @@
-from torch import nn
+from typing import Optional
 
-__all__ = ["build_projection_head"]
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["build_projection_head", "project"]
 
 
 def build_projection_head(in_dim: int, proj_dim: int):
@@ -20,3 +24,10 @@ def build_projection_head(in_dim: int, proj_dim: int):
         nn.ReLU(inplace=True),
         nn.Linear(in_dim, proj_dim),
     )
+
+
+def project(projector: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Rows (R, in_dim) in the contrast space: through the projection head, L2-normalised."""
+    if projector is not None:
+        x = projector(x)
+    return F.normalize(x, dim=1)

@@ -21,6 +21,7 @@ __all__ = [
     "Regions",
     "find_regions",
     "pool_regions",
+    "pool_slots",
     "region_centers",
     "region_pixel_index",
     "sample_region_pixels",
@@ -95,11 +96,22 @@ def _invalid_label_error(labels, num_classes, ignore_value):
     )
 
 
-def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255) -> Regions:
+def _round_width(k: int, num_classes: int) -> int:
+    """The next power of two >= k (at least 1), at most ``num_classes``."""
+    return min(num_classes, 1 << max(k - 1, 0).bit_length())
+
+
+def find_regions(
+    labels: torch.Tensor, num_classes: int, ignore_value: int = 255, *, round_width: bool = False
+) -> Regions:
     """
     The regions of ``labels`` (N, H, W) and where each sits among its image's regions, for
     :func:`pool_regions`. All of region pooling's host synchronisation happens here: one read
     of a few counts.
+
+    ``round_width`` rounds K, the slots per image, up to a power of two (at most
+    ``num_classes``): the per-image layout then takes few distinct shapes, which a CUDA graph
+    of the contrast can be captured for once each.
 
     Every pixel falls into one of ``C + 3`` bins of its image (below range, the C classes, above
     range, ignored), so one ``bincount`` finds the regions, checks the labels and sizes the
@@ -125,6 +137,8 @@ def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255
     if num_invalid:
         raise _invalid_label_error(labels, num_classes, ignore_value)
     k = max(per_image, default=0)
+    if round_width:
+        k = _round_width(k, c)
     first = [0] * n
     for i in range(1, n):
         first[i] = first[i - 1] + per_image[i - 1]
@@ -162,37 +176,52 @@ def pool_regions(
         key: optional (N*H*W,) region of each pixel to pool instead of ``regions.region_id``
             (-1 leaves a pixel out), e.g. a random subset of each region's pixels.
 
-    A region holds pixels of its own image only, so each image's sums are one matmul with its
-    regions' indicator rows: (D, HW) @ (HW, K), batched over images. This reads the (N, D, H, W)
-    layout as it is (no transposed copy of the features) and, unlike a scatter of every pixel
-    row, runs at matmul speed forwards and backwards.
+    The sums are :func:`pool_slots` of the regions' slots.
     """
     if features.dim() != 4 or (features.shape[0], *features.shape[2:]) != regions.shape:
         raise ValueError(
             f"features {tuple(features.shape)} do not match the regions' labels "
             f"{regions.shape}: expected (N, D, H, W) with (N, H, W) = {regions.shape}"
         )
-    n, d = features.shape[:2]
     k = regions.width
-    flat = features.to(_accumulation_dtype(features.dtype)).reshape(n, d, -1)
     if key is None:
         slot, size = regions.slot, regions.size
     else:
-        key = key.view(n, -1)
+        key = key.view(features.shape[0], -1)
         # Region id -> position among its image's regions; left-out pixels go to column K.
         slot = torch.where(key >= 0, key - regions.first.unsqueeze(1), torch.full_like(key, k))
         size = None
-    # Column K collects the pixels of no region; it is dropped.
-    indicator = flat.new_zeros(n, k + 1, flat.shape[2]).scatter_(1, slot.unsqueeze(1), 1.0)
-    indicator = indicator[:, :k]
+    sums, counts = pool_slots(features, slot, k, with_counts=size is None)
+    sums = sums[regions.rows]
+    if size is None:
+        size = counts[regions.rows].clamp(min=1)
+    return sums / size.unsqueeze(1)
+
+
+def pool_slots(
+    features: torch.Tensor, slot: torch.Tensor, width: int, *, with_counts: bool = True
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """
+    Sums (N * K, D) and pixel counts (N * K,) of every image's K = ``width`` slots, in the
+    accumulation dtype (float32, or float64 for float64 features); no host synchronisation.
+
+    ``slot`` (N, H*W) holds each pixel's slot in [0, K], K for a pixel of none (such as
+    :class:`Regions`' ``slot``). A slot holds pixels of its own image only, so each image's sums
+    are one matmul with its slots' indicator rows: (D, HW) @ (HW, K), batched over images. This
+    reads the (N, D, H, W) layout as it is (no transposed copy of the features) and, unlike a
+    scatter of every pixel row, runs at matmul speed forwards and backwards.
+    """
+    n, d = features.shape[:2]
+    flat = features.to(_accumulation_dtype(features.dtype)).reshape(n, d, -1)
+    # Column K collects the pixels of no slot; it is dropped.
+    indicator = flat.new_zeros(n, width + 1, flat.shape[2]).scatter_(1, slot.unsqueeze(1), 1.0)
+    indicator = indicator[:, :width]
     # Sums in the accumulation dtype, also under autocast (which would run bmm in half).
     with torch.autocast(device_type=flat.device.type, enabled=False):
         # (D, HW) @ (HW, K): the features' own layout; the other way round copies them.
-        sums = torch.bmm(flat, indicator.transpose(1, 2)).transpose(1, 2)
-        sums = sums.reshape(n * k, d)[regions.rows]
-    if size is None:
-        size = indicator.sum(dim=2).reshape(n * k)[regions.rows].clamp(min=1)
-    return sums / size.unsqueeze(1)
+        sums = torch.bmm(flat, indicator.transpose(1, 2)).transpose(1, 2).reshape(n * width, d)
+    counts = indicator.sum(dim=2).reshape(n * width) if with_counts else None
+    return sums, counts
 
 
 def region_centers(
