@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from detectron2.utils.events import EventStorage
+from region_contrast.graphed_contrast import STATISTICS
 from region_contrast.loss import plan_padded_contrast, region_contrast_loss
 from region_contrast.memory_bank import RegionMemoryBank
-from region_contrast.regions import find_regions, pool_regions
 from test_meta_arch import NUM_CLASSES, build, make_batch, make_cfg, train_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -75,25 +75,26 @@ def test_padded_plan_is_the_compact_loss(per_class, empty_bank):
         assert float(expected.detach()) > 0 and compact.grad.abs().sum() > 0
 
 
-def test_rounded_widths_pool_the_same_regions():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 11, (3, 9, 9), generator=g)
-    labels[1] = 255
-    labels[2] = torch.randint(0, 3, (9, 9), generator=g)
-    features = torch.randn(3, 4, 9, 9, generator=g, dtype=torch.float64)
-    exact = find_regions(labels, 11)
-    rounded = find_regions(labels, 11, round_width=True)
-    assert exact.width == 11 and rounded.width == 11  # 11 classes in image 0: capped at C
-    assert find_regions(labels[2:], 11, round_width=True).width == 4
-    assert find_regions(labels[1:2], 11, round_width=True).width == 1
-    assert find_regions(labels[2:], 3, round_width=True).width == 3
-    for field in ("region_id", "classes", "image_index", "size"):
-        assert torch.equal(getattr(exact, field), getattr(rounded, field))
-    sub = find_regions(labels[1:], 11, round_width=True)
-    assert sub.width == 4
-    torch.testing.assert_close(pool_regions(features[1:], sub),
-                               pool_regions(features[1:], find_regions(labels[1:], 11)),
-                               rtol=1e-14, atol=1e-15)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_push_is_push_of_the_masked_rows(dtype):
+    """Random pushes with wrapping rings and overfull classes, against push itself."""
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        num_classes, size = int(torch.randint(1, 5, (1,), generator=g)), int(
+            torch.randint(1, 6, (1,), generator=g))
+        expected = RegionMemoryBank(num_classes, size, 3, dtype=dtype)
+        masked = RegionMemoryBank(num_classes, size, 3, dtype=dtype)
+        for _ in range(4):
+            n = int(torch.randint(0, 12, (1,), generator=g))
+            rows = torch.randn(n, 3, generator=g)
+            classes = torch.randint(0, num_classes, (n,), generator=g)
+            mask = torch.rand(n, generator=g) < 0.7
+            # Masked-out rows may carry any class, in range or not.
+            junk = torch.where(mask, classes, torch.randint(-5, 50, (n,), generator=g))
+            expected.push(rows[mask], classes[mask])
+            masked.push_masked(rows, junk, mask)
+            for key, value in expected.state_dict().items():
+                assert torch.equal(masked.state_dict()[key], value), (seed, key)
 
 
 def _filled_model(cfg=None, steps=3):
@@ -117,48 +118,84 @@ def _contrast_inputs(model, batch):
     return embedding, logits, targets
 
 
-def _run_contrast(model, embedding, logits, targets, fixed_shapes):
+def _eager_contrast(model, embedding, logits, targets):
     model.zero_grad(set_to_none=True)
     leaf = embedding.detach().clone().requires_grad_()
-    prepared = model._prepare(targets, leaf.shape[-2:], fixed_shapes=fixed_shapes)
     with EventStorage(300):
-        loss, rows, classes, stats = model._contrast(leaf, logits, targets, prepared)
+        loss, rows, classes, stats = model._contrast(leaf, logits, targets)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.projector.named_parameters()}
     return loss.detach(), rows.detach(), classes, stats, leaf.grad, grads
 
 
+def _dense_contrast(model, embedding, targets, push=False):
+    model.zero_grad(set_to_none=True)
+    leaf = embedding.detach().clone().requires_grad_()
+    labels = model._labels_at(targets, leaf.shape[-2:])
+    loss, statistics, rows, present = model._graphed(leaf, labels, push=push)
+    loss = loss * model.loss_weight  # as the eager path returns it
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.projector.named_parameters()}
+    return loss.detach(), statistics, rows, present, leaf.grad, grads
+
+
 @pytest.mark.parametrize("per_class", [0, 4])
-def test_fixed_shape_contrast_is_the_eager_contrast(monkeypatch, per_class):
+def test_dense_contrast_is_the_eager_contrast(per_class):
     model = _filled_model(make_cfg(SAMPLES_PER_CLASS=per_class))
     model.train()
     inputs = _contrast_inputs(model, make_batch(7, n=3))
     torch.manual_seed(3)
-    eager = _run_contrast(model, *inputs, fixed_shapes=False)
-    monkeypatch.setattr(model, "_runs_graphed", lambda: True)
+    loss, rows, classes, stats, embedding_grad, grads = _eager_contrast(model, *inputs)
     torch.manual_seed(3)  # the same draw of bank slots
-    fixed = _run_contrast(model, *inputs, fixed_shapes=True)
-    loss, rows, classes, stats, embedding_grad, grads = fixed
-    assert float(eager[0]) > 0 and torch.equal(classes, eager[2])
-    torch.testing.assert_close(loss, eager[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(rows, eager[1], rtol=1e-5, atol=1e-6)
+    dense = _dense_contrast(model, inputs[0], inputs[2])
+    values = dict(zip(STATISTICS, dense[1].tolist()))
+    present = dense[3]
+    assert float(loss) > 0 and present.sum() == classes.numel()
+    assert torch.equal(torch.arange(NUM_CLASSES).repeat(3)[present], classes)
+    torch.testing.assert_close(dense[0], loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dense[2][present], rows, rtol=1e-5, atol=1e-6)
     for key in ("pos_cos", "neg_cos"):
-        torch.testing.assert_close(stats[key], eager[3][key], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(embedding_grad, eager[4], rtol=1e-4, atol=1e-9)
+        assert values[key] == pytest.approx(float(stats[key]), rel=1e-5)
+    assert values["filled"] == float(model.memory_bank.count.sum())
+    assert values["num_invalid"] == 0 and values["pushed"] == 0
+    torch.testing.assert_close(dense[4], embedding_grad, rtol=1e-4, atol=1e-9)
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager[5][name], rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(dense[5][name], grad, rtol=1e-4, atol=1e-8)
+
+
+def test_dense_contrast_pushes_nothing_after_a_loss_that_is_not_finite():
+    model = _filled_model()
+    model.train()
+    embedding, _, targets = _contrast_inputs(model, make_batch(7))
+    embedding[1, 3, 2, 2] = float("nan")
+    before = copy.deepcopy(model.memory_bank.state_dict())
+    loss, statistics, _, _, _, _ = _dense_contrast(model, embedding, targets, push=True)
+    assert not torch.isfinite(loss)
+    assert dict(zip(STATISTICS, statistics.tolist()))["pushed"] == 0
+    for key, value in before.items():
+        assert torch.equal(model.memory_bank.state_dict()[key], value)
+    # ... and the same batch without the NaN is pushed.
+    embedding[1, 3, 2, 2] = 0.0
+    _, statistics, _, _, _, _ = _dense_contrast(model, embedding, targets, push=True)
+    assert dict(zip(STATISTICS, statistics.tolist()))["pushed"] == 1
+    assert not torch.equal(model.memory_bank.ptr, before["ptr"])
 
 
 def test_training_in_fixed_shapes_matches_eager_training(monkeypatch):
-    """Whole steps: losses, gradients and the bank, step after step, as the bank fills."""
+    """
+    Whole steps: losses, gradients and the bank, step after step, as the bank fills; the
+    statistics are logged one step later.
+    """
     eager, fixed = build(make_cfg()), build(make_cfg())
     monkeypatch.setattr(fixed, "_runs_graphed", lambda: True)
+    logged = []
     for it in range(4):
         batch = make_batch(10 + it, n=3)
         torch.manual_seed(it)  # the same dropout masks
-        losses_e, _ = train_step(eager, batch, it=200 + it)
+        losses_e, storage_e = train_step(eager, batch, it=200 + it)
         torch.manual_seed(it)
-        losses_f, _ = train_step(fixed, batch, it=200 + it)
+        losses_f, storage_f = train_step(fixed, batch, it=200 + it)
+        logged.append((storage_e.latest(), storage_f.latest()))
         for key in losses_e:
             torch.testing.assert_close(losses_f[key], losses_e[key], rtol=1e-5, atol=1e-7)
         for (name, a), (_, b) in zip(eager.named_parameters(), fixed.named_parameters()):
@@ -171,6 +208,40 @@ def test_training_in_fixed_shapes_matches_eager_training(monkeypatch):
             torch.testing.assert_close(fixed.memory_bank.state_dict()[key], value,
                                        rtol=1e-5, atol=1e-6)
     assert float(losses_e["loss_contrast"]) > 0
+    assert "region_contrast_pos_cos" not in logged[0][1]
+    for (previous, _), (_, now) in zip(logged, logged[1:]):
+        for key in ("region_contrast_pos_cos", "region_contrast_bank_fill"):
+            assert now[key][0] == pytest.approx(previous[key][0], rel=1e-5, nan_ok=True), key
+
+
+def test_invalid_labels_in_fixed_shapes_raise_before_the_forward(monkeypatch):
+    model = _filled_model()
+    monkeypatch.setattr(model, "_runs_graphed", lambda: True)
+    train_step(model, make_batch(4), it=300)  # statistics pending: read with the check
+    batch = make_batch(5)
+    batch[1]["sem_seg"][:8, :8] = 7  # NUM_CLASSES is 5
+    before = copy.deepcopy(model.memory_bank.state_dict())
+    with pytest.raises(ValueError, match=r"value\(s\) \[7\] outside \[0, 5\)"):
+        train_step(model, batch, it=301)
+    for key, value in before.items():
+        assert torch.equal(model.memory_bank.state_dict()[key], value)
+
+
+def test_dense_contrast_counts_invalid_labels_and_pushes_nothing():
+    model = _filled_model()
+    model.train()
+    embedding, _, targets = _contrast_inputs(model, make_batch(7))
+    targets[0, :16, :16] = 9
+    targets[1, :8, :8] = -3
+    before = copy.deepcopy(model.memory_bank.state_dict())
+    _, statistics, _, _, _, _ = _dense_contrast(model, embedding, targets, push=True)
+    values = dict(zip(STATISTICS, statistics.tolist()))
+    assert values["num_invalid"] > 0 and values["pushed"] == 0
+    assert (values["invalid_min"], values["invalid_max"]) == (-3, 9)
+    for key, value in before.items():
+        assert torch.equal(model.memory_bank.state_dict()[key], value)
+    with pytest.raises(ValueError, match=r"previous training batch.*\[-3, 9\]"):
+        model._check_labels(values, previous=True)
 
 
 def test_a_copied_model_contrasts_with_its_own_projector_and_bank():
@@ -178,6 +249,7 @@ def test_a_copied_model_contrasts_with_its_own_projector_and_bank():
     clone = copy.deepcopy(model)
     assert clone._graphed.projector is clone.projector is not model.projector
     assert clone._graphed.bank is clone.memory_bank is not model.memory_bank
+    assert clone._graphed.module_args["projector"] is clone.projector
 
 
 # ---- CUDA: captured graphs against the eager contrast ---------------------------------------
@@ -189,17 +261,9 @@ def _cuda_model(graphs, **rc):
     return build(cfg)
 
 
-def _varied_batch(seed):
-    """Images with few or many classes, so that the slots per image change between steps."""
-    batch = make_batch(seed, n=2)
-    if seed % 2:
-        for x in batch:
-            x["sem_seg"] = torch.where(x["sem_seg"] == 255, 255, x["sem_seg"] % 2)
-    return batch
-
-
 @needs_cuda
 def test_cuda_graphs_train_as_the_eager_contrast():
+    """Eight steps with an optimizer: losses, the bank and the weights as without graphs."""
     from region_contrast.solver import build_optimizer
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -207,67 +271,71 @@ def test_cuda_graphs_train_as_the_eager_contrast():
     models = [_cuda_model(g) for g in (False, True)]
     optimizers = [build_optimizer(make_cfg(), m) for m in models]
     for it in range(8):
-        batch = _varied_batch(it)
+        batch = make_batch(it, n=2)
         results = []
         for model, optimizer in zip(models, optimizers):
-            torch.manual_seed(it)  # the same draw of bank slots
+            torch.manual_seed(it)  # the same dropout masks
             optimizer.zero_grad(set_to_none=True)
             losses, _ = train_step(model, batch, it=200 + it)
             optimizer.step()
             results.append({k: float(v) for k, v in losses.items()})
         for key in results[0]:
-            assert results[1][key] == pytest.approx(results[0][key], rel=1e-4, abs=1e-6), key
+            # Float32 sums in another order, through 8 optimizer steps.
+            assert results[1][key] == pytest.approx(results[0][key], rel=2e-3, abs=1e-6), key
     eager, graphed = models
-    assert len(graphed._graphed._graphs) >= 2 and not eager._graphed._graphs
+    assert len(graphed._graphed._graphs) == 1 and not eager._graphed._graphs
     assert results[0]["loss_contrast"] > 0
     for key, value in eager.memory_bank.state_dict().items():
         torch.testing.assert_close(graphed.memory_bank.state_dict()[key], value,
-                                   rtol=1e-3, atol=1e-4)
+                                   rtol=1e-2, atol=1e-3)
     for (name, a), (_, b) in zip(eager.named_parameters(), graphed.named_parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
+        scale = float(a.detach().abs().max())
+        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-3 * scale, msg=name)
+
+
+def _captured(model, steps=3):
+    for it in range(steps):  # fill the bank and capture
+        train_step(model, make_batch(it), it=200 + it)
+    embedding, _, targets = _contrast_inputs(model, make_batch(1))
+    return embedding, model._labels_at(targets, embedding.shape[-2:])
 
 
 @needs_cuda
 def test_cuda_graphs_draw_new_bank_slots_every_replay():
     """With SAMPLES_PER_CLASS, each replay draws its own slots (the draw is not frozen)."""
     model = _cuda_model(True, SAMPLES_PER_CLASS=3)
-    for it in range(4):  # fill the bank (6 slots per class) and capture
-        train_step(model, make_batch(it), it=200 + it)
-    embedding, logits, targets = _contrast_inputs(model, make_batch(1))
-    prepared = model._prepare(targets, embedding.shape[-2:], fixed_shapes=True)
+    embedding, labels = _captured(model, steps=4)
     losses = []
     for _ in range(4):
         leaf = embedding.detach().clone().requires_grad_()
-        with EventStorage(300):
-            loss, _, _, _ = model._contrast(leaf, logits, targets, prepared)
+        loss, _, _, _ = model._graphed(leaf, labels, push=False)
         loss.backward()
         assert leaf.grad.abs().sum() > 0
         losses.append(float(loss))
-    assert len(model._graphed._graphs) >= 1
+    assert len(model._graphed._graphs) == 2  # the training steps' and this one (push=False)
     assert all(value > 0 for value in losses) and len(set(losses)) > 1, losses
 
 
 @needs_cuda
 def test_cuda_graph_replay_never_synchronizes():
     model = _cuda_model(True)
-    for it in range(3):  # fill the bank and capture
-        train_step(model, make_batch(it), it=200 + it)
-    embedding, logits, targets = _contrast_inputs(model, make_batch(1))
-    prepared = model._prepare(targets, embedding.shape[-2:], fixed_shapes=True)
-    with EventStorage(300):  # captures this batch's shape if the steps above did not
-        model._contrast(embedding.detach().clone().requires_grad_(), logits, targets, prepared)
+    embedding, labels = _captured(model)
     captured = len(model._graphed._graphs)
+    count = model.memory_bank.count.clone()
+    ptr = model.memory_bank.ptr.clone()
     leaf = embedding.detach().clone().requires_grad_()
     torch.cuda.synchronize()
-    with EventStorage(300):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            loss, rows, _, _ = model._contrast(leaf, logits, targets, prepared)
-            loss.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, statistics, _, _ = model._graphed(leaf, labels)  # forward, loss, push
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert len(model._graphed._graphs) == captured  # replayed, not captured again
-    assert float(loss) > 0 and leaf.grad.abs().sum() > 0 and rows.shape[0] > 0
+    assert float(loss) > 0 and leaf.grad.abs().sum() > 0
+    assert dict(zip(STATISTICS, statistics.tolist()))["pushed"] == 1
+    assert not torch.equal(model.memory_bank.ptr, ptr) or not torch.equal(
+        model.memory_bank.count, count)
 
 
 @needs_cuda

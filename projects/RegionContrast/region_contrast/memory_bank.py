@@ -162,6 +162,56 @@ class RegionMemoryBank(nn.Module):
         self.ptr.add_(per_class).remainder_(self.size)
         self.count.add_(per_class).clamp_(max=self.size)
 
+    @torch.no_grad()
+    def push_masked(
+        self, features: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """
+        :meth:`push` of the rows where ``mask`` (R,) is True, in fixed shapes and without
+        reading device values on the host (what a CUDA graph can capture). The rows are not
+        checked: the caller masks out rows that are not finite or have classes outside
+        ``[0, num_classes)`` (their classes are never used). Not a collective: under
+        ``torch.distributed`` use :meth:`push`.
+        """
+        if features.dim() != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"features must be (R, {self.dim}), got shape {tuple(features.shape)}")
+        if classes.shape != features.shape[:1] or mask.shape != features.shape[:1]:
+            raise ValueError(
+                f"classes {tuple(classes.shape)} and mask {tuple(mask.shape)} must be "
+                f"({features.shape[0]},) for {features.shape[0]} rows"
+            )
+        n = features.shape[0]
+        if n == 0:
+            return
+        size, num_classes = self.size, self.num_classes
+        stored = features.detach().to(device=self.features.device, dtype=self.dtype)
+        mask = mask.to(device=stored.device, dtype=torch.bool)
+        # Masked-out rows go to a virtual class past the last, which nothing reads.
+        key = torch.where(mask, classes.to(device=stored.device, dtype=torch.long), num_classes)
+        key, order = torch.sort(key, stable=True)
+        per_class = torch.zeros(num_classes + 1, dtype=torch.long, device=key.device)
+        per_class.scatter_add_(0, key, torch.ones_like(key))
+        first = torch.cumsum(per_class, 0) - per_class
+        rank = torch.arange(n, device=key.device) - first[key]  # position within its class
+        real = key < num_classes
+        cls = key.clamp(max=num_classes - 1)
+        # As in push: rows of one class in order, only the last `size` of them survive.
+        keep = real & (rank >= per_class[key] - size)
+        target = cls * size + (rank + self.ptr[cls]) % size
+        flat = self.features.view(-1, self.dim)
+        values = stored[order]
+        # Rows not kept write what a kept row writes (or slot 0 its own value when none is
+        # kept): duplicate indices then carry equal values, so the result is deterministic.
+        anchor = torch.argmax(keep.to(torch.uint8))
+        any_kept = keep[anchor]
+        fallback_target = torch.where(any_kept, target[anchor], 0)
+        fallback_value = torch.where(any_kept, values[anchor], flat[0])
+        target = torch.where(keep, target, fallback_target)
+        values = torch.where(keep.unsqueeze(1), values, fallback_value)
+        flat.index_copy_(0, target, values)
+        self.ptr.add_(per_class[:num_classes]).remainder_(size)
+        self.count.add_(per_class[:num_classes]).clamp_(max=size)
+
     def _check(self, stored: torch.Tensor, classes: torch.Tensor) -> None:
         # One host read for both checks; the details are worked out only when one fails.
         n = classes.numel()

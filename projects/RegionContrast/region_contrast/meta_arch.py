@@ -17,14 +17,16 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
+from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .graphed_contrast import GraphedSlotContrast
+from .graphed_contrast import STATISTICS, GraphedRegionContrast
 from .loss import ContrastPlan, plan_region_contrast, region_contrast_loss
 from .memory_bank import RegionMemoryBank
 from .projection import build_projection_head, project
 from .regions import (
     Regions,
+    _invalid_label_error,
     dynamic_subset_centers,
     find_regions,
     pool_regions,
@@ -51,11 +53,9 @@ class _Prepared(NamedTuple):
 
     labels: torch.Tensor  # (N, h, w) at the embedding's resolution
     regions: Regions
-    memory: Optional[torch.Tensor]  # None when the contrast runs in fixed shapes
-    memory_classes: Optional[torch.Tensor]
+    memory: torch.Tensor
+    memory_classes: torch.Tensor
     plan: Optional[ContrastPlan]  # None for pixel anchors: their classes are drawn later
-    # (N * K,) class of each of the images' K slots, for the fixed-shape contrast; else None.
-    slot_classes: Optional[torch.Tensor] = None
 
 
 def _check_region_contrast_cfg(rc):
@@ -188,11 +188,13 @@ class RegionContrastSegmentor(SemanticSegmentor):
         self.dynamic_fraction = dynamic_fraction
         self.warmup_iters = warmup_iters
         self.cuda_graphs = cuda_graphs
-        # A plain attribute: the runner holds the projector and the bank, not new state.
-        self.__dict__["_graphed"] = None if memory_bank is None else GraphedSlotContrast(
-            projector=projector, bank=memory_bank, temperature=temperature,
+        # Plain attributes: the runner holds the projector and the bank, not new state.
+        self.__dict__["_graphed"] = None if memory_bank is None else GraphedRegionContrast(
+            projector=projector, bank=memory_bank, num_classes=num_classes,
+            ignore_value=sem_seg_head.ignore_value, temperature=temperature,
             samples_per_class=samples_per_class,
         )
+        self.__dict__["_pending_statistics"] = None
         if (window_size is None) != (window_stride is None):
             raise ValueError("window_size and window_stride are given together or not at all")
         self.window_size = None if window_size is None else tuple(window_size)
@@ -263,6 +265,12 @@ class RegionContrastSegmentor(SemanticSegmentor):
             self.sem_seg_head.ignore_value,
         ).tensor
 
+        if self._runs_graphed():
+            self._check_labels_and_log_previous_step(targets)
+            features = self.backbone(images.tensor)
+            logits, embedding = self.sem_seg_head.forward_features(features)
+            return self._graphed_losses(embedding, logits, targets)
+
         # Every host read of device values that the contrast needs (region counts, the bank's
         # classes) happens here, before the network's forward is queued: on a GPU the contrast's
         # kernels then queue behind the network's instead of waiting for them.
@@ -270,8 +278,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
         stride = getattr(self.sem_seg_head, "embedding_stride", None)
         if self.region_source == "gt" and stride:
             height, width = images.tensor.shape[-2:]
-            prepared = self._prepare(targets, (height // stride, width // stride),
-                                     fixed_shapes=self._runs_graphed())
+            prepared = self._prepare(targets, (height // stride, width // stride))
         features = self.backbone(images.tensor)
         logits, embedding = self.sem_seg_head.forward_features(features)
         contrast_loss, bank_rows, bank_classes, stats = self._contrast(
@@ -289,14 +296,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
             stats["neg_cos"].float(), bank.count.sum().to(device).float(),
             torch.isfinite(bank_rows).all().to(device).float(),
         ]).tolist()
-        storage = _event_storage()
-        if storage is not None:
-            storage.put_scalars(
-                region_contrast_bank_fill=filled / bank.num_slots,
-                region_contrast_pos_cos=pos_cos,
-                region_contrast_neg_cos=neg_cos,
-                smoothing_hint=False,
-            )
+        self._log_statistics(pos_cos, neg_cos, filled)
         # Push after the loss, and nothing from a step whose loss is not finite: Detectron2
         # raises FloatingPointError right after, and the bank must stay clean. Every rank still
         # joins the bank's all-gather (with no rows) so that none of them hangs.
@@ -307,6 +307,80 @@ class RegionContrastSegmentor(SemanticSegmentor):
         # the bank's own check names it.
         bank.push(bank_rows, bank_classes, checked=bool(rows_finite))
         return losses
+
+    def _log_statistics(self, pos_cos, neg_cos, filled):
+        storage = _event_storage()
+        if storage is not None:
+            storage.put_scalars(
+                region_contrast_bank_fill=filled / self.memory_bank.num_slots,
+                region_contrast_pos_cos=pos_cos,
+                region_contrast_neg_cos=neg_cos,
+                smoothing_hint=False,
+            )
+
+    def _graphed_losses(self, embedding, logits, targets):
+        """
+        The training losses with the contrast as CUDA graphs (:mod:`.graphed_contrast`). In a
+        single process the graphs also push into the bank and nothing is read back: the step's
+        statistics and label check are read at the start of the next step
+        (:meth:`_log_previous_step`), when the GPU is idle anyway. Under torch.distributed the
+        push is a collective, after one read as in the eager path.
+        """
+        labels = self._labels_at(targets, embedding.shape[-2:])
+        distributed = comm.get_world_size() > 1
+        with torch.autocast(device_type=embedding.device.type, enabled=False):
+            loss, statistics, rows, present = self._graphed(
+                embedding.float(), labels, push=not distributed
+            )
+        losses = self.sem_seg_head.losses(logits, targets)
+        losses["loss_contrast"] = self._weighted(loss)
+        if not distributed:
+            self.__dict__["_pending_statistics"] = statistics
+            return losses
+        total = sum(losses.values()).detach().float().view(1)
+        *values, total = torch.cat([statistics, total]).tolist()
+        values = dict(zip(STATISTICS, values))
+        self._check_labels(values)
+        self._log_statistics(values["pos_cos"], values["neg_cos"], values["filled"])
+        classes = torch.arange(self.num_classes, device=rows.device).repeat(labels.shape[0])
+        # As in the eager path: every rank joins the all-gather, with no rows after a loss that
+        # is not finite.
+        if not math.isfinite(total):
+            present = torch.zeros_like(present)
+        self.memory_bank.push(rows[present], classes[present])
+        return losses
+
+    def _check_labels_and_log_previous_step(self, targets):
+        """
+        One read before the forward: whether this batch's labels are all classes or ignored
+        (the cross entropy's kernels would fail on others without saying which), and the
+        last graphed step's statistics, which are logged now.
+        """
+        ignore = self.sem_seg_head.ignore_value
+        invalid = ((targets != ignore) & ((targets < 0) | (targets >= self.num_classes))).any()
+        pending = self._pending_statistics
+        self.__dict__["_pending_statistics"] = None
+        if pending is None:
+            if bool(invalid):
+                raise _invalid_label_error(targets, self.num_classes, ignore)
+            return
+        invalid, *values = torch.cat([invalid.view(1).to(pending), pending]).tolist()
+        if invalid:
+            raise _invalid_label_error(targets, self.num_classes, ignore)
+        values = dict(zip(STATISTICS, values))
+        self._check_labels(values, previous=True)
+        self._log_statistics(values["pos_cos"], values["neg_cos"], values["filled"])
+
+    def _check_labels(self, values, previous=False):
+        if values["num_invalid"]:
+            which = "the previous training batch" if previous else "this training batch"
+            raise ValueError(
+                f"labels of {which} contain {int(values['num_invalid'])} pixel(s) with values "
+                f"in [{int(values['invalid_min'])}, {int(values['invalid_max'])}] outside "
+                f"[0, {self.num_classes}) that are not the ignore value "
+                f"{self.sem_seg_head.ignore_value}; check NUM_CLASSES and the dataset's label "
+                "mapping (nothing from that batch entered the memory bank)"
+            )
 
     def sliding_window_inference(self, batched_inputs):
         """
@@ -344,27 +418,23 @@ class RegionContrastSegmentor(SemanticSegmentor):
                 and self.anchors == "region" and self.region_source == "gt"
                 and self.dynamic_samples == 0)
 
-    def _prepare(self, targets, size, pred=None, fixed_shapes=False):
-        """
-        Labels at ``size``, their regions, the bank read for this step and the loss's plan;
-        with ``fixed_shapes``, the regions in power-of-two slots per image and their classes
-        instead of the bank read (the graphs read the bank themselves).
-        """
-        ignore = self.sem_seg_head.ignore_value
+    @staticmethod
+    def _labels_at(targets, size):
+        """The labels nearest-downsampled to ``size``."""
         (height, width), (h, w) = targets.shape[-2:], size
         if height == h * (height // h) and width == w * (width // w):
             # What nearest interpolation picks at a whole-number stride, as a view.
-            labels = targets[:, :: height // h, :: width // w]
-        else:
-            labels = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0]
-            labels = labels.long()
+            return targets[:, :: height // h, :: width // w]
+        labels = F.interpolate(targets[:, None].float(), size=size, mode="nearest")[:, 0]
+        return labels.long()
+
+    def _prepare(self, targets, size, pred=None):
+        """Labels at ``size``, their regions, the bank read for this step and the loss's plan."""
+        ignore = self.sem_seg_head.ignore_value
+        labels = self._labels_at(targets, size)
         if pred is not None:  # predicted regions; ignored pixels stay ignored
             labels = torch.where(labels == ignore, labels, pred)
-        regions = find_regions(labels, self.num_classes, ignore, round_width=fixed_shapes)
-        if fixed_shapes:
-            slot_classes = regions.classes.new_zeros(labels.shape[0] * regions.width)
-            slot_classes[regions.rows] = regions.classes
-            return _Prepared(labels, regions, None, None, None, slot_classes)
+        regions = find_regions(labels, self.num_classes, ignore)
         # No copy of the bank: the loss is done with it before the step's push.
         memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
         plan = None
@@ -391,15 +461,6 @@ class RegionContrastSegmentor(SemanticSegmentor):
                 prepared = self._prepare(
                     targets, embedding.shape[-2:], pred if self.region_source == "pred" else None
                 )
-            regions = prepared.regions
-            if prepared.slot_classes is not None and self._runs_graphed():
-                loss, cosines, slot_rows = self._graphed(
-                    embedding, regions.slot, prepared.slot_classes, regions.width
-                )
-                return (self._weighted(loss), slot_rows[regions.rows], regions.classes,
-                        {"pos_cos": cosines[0], "neg_cos": cosines[1]})
-            if prepared.memory is None:  # prepared for the graphs, but gradients are off
-                prepared = self._prepare(targets, embedding.shape[-2:])
             labels, regions = prepared.labels, prepared.regions
             classes = regions.classes
             region_embeddings = self._project(pool_regions(embedding, regions))

@@ -96,22 +96,11 @@ def _invalid_label_error(labels, num_classes, ignore_value):
     )
 
 
-def _round_width(k: int, num_classes: int) -> int:
-    """The next power of two >= k (at least 1), at most ``num_classes``."""
-    return min(num_classes, 1 << max(k - 1, 0).bit_length())
-
-
-def find_regions(
-    labels: torch.Tensor, num_classes: int, ignore_value: int = 255, *, round_width: bool = False
-) -> Regions:
+def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255) -> Regions:
     """
     The regions of ``labels`` (N, H, W) and where each sits among its image's regions, for
     :func:`pool_regions`. All of region pooling's host synchronisation happens here: one read
     of a few counts.
-
-    ``round_width`` rounds K, the slots per image, up to a power of two (at most
-    ``num_classes``): the per-image layout then takes few distinct shapes, which a CUDA graph
-    of the contrast can be captured for once each.
 
     Every pixel falls into one of ``C + 3`` bins of its image (below range, the C classes, above
     range, ignored), so one ``bincount`` finds the regions, checks the labels and sizes the
@@ -137,8 +126,6 @@ def find_regions(
     if num_invalid:
         raise _invalid_label_error(labels, num_classes, ignore_value)
     k = max(per_image, default=0)
-    if round_width:
-        k = _round_width(k, c)
     first = [0] * n
     for i in range(1, n):
         first[i] = first[i - 1] + per_image[i - 1]
