@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from detectron2.utils.events import EventStorage
 from region_contrast.graphed_contrast import STATISTICS
@@ -161,6 +162,44 @@ def test_dense_contrast_is_the_eager_contrast(per_class):
     torch.testing.assert_close(dense[4], embedding_grad, rtol=1e-4, atol=1e-9)
     for name, grad in grads.items():
         torch.testing.assert_close(dense[5][name], grad, rtol=1e-4, atol=1e-8)
+
+
+class _RefuseDeviceReads(TorchDispatchMode):
+    """
+    Fails on the operators that read device values back to the host (on CUDA: a
+    synchronisation, which a graph capture refuses), whatever the device: item and
+    ``bool()``, indexing with 0-d tensors or boolean masks, nonzero, unique, bincount.
+    """
+
+    READS = ("_local_scalar_dense", "nonzero.", "nonzero_numpy", "masked_select", "unique",
+             "bincount", "repeat_interleave.Tensor")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if any(r in name for r in self.READS) or (
+            name.startswith("aten.index.Tensor")
+            and any(i is not None and i.dtype == torch.bool for i in args[1])
+        ):
+            raise AssertionError(f"{name} reads device values on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("per_class", [0, 4])
+def test_dense_contrast_reads_nothing_back(per_class):
+    """What makes it capturable as a CUDA graph, checked on the CPU: forward, push, backward."""
+    model = _filled_model(make_cfg(SAMPLES_PER_CLASS=per_class))
+    model.train()
+    embedding, _, targets = _contrast_inputs(model, make_batch(7))
+    labels = model._labels_at(targets, embedding.shape[-2:])
+    leaf = embedding.detach().clone().requires_grad_()
+    ptr = model.memory_bank.ptr.clone()
+    with _RefuseDeviceReads():
+        loss, statistics, _, _ = model._graphed(leaf, labels, push=True)
+        loss.backward()
+    assert not torch.equal(model.memory_bank.ptr, ptr) and leaf.grad.abs().sum() > 0
+    # The check does catch a read.
+    with pytest.raises(AssertionError, match="_local_scalar_dense"), _RefuseDeviceReads():
+        statistics[torch.tensor(0)]
 
 
 def test_dense_contrast_pushes_nothing_after_a_loss_that_is_not_finite():

@@ -202,10 +202,12 @@ class RegionMemoryBank(nn.Module):
         values = stored[order]
         # Rows not kept write what a kept row writes (or slot 0 its own value when none is
         # kept): duplicate indices then carry equal values, so the result is deterministic.
-        anchor = torch.argmax(keep.to(torch.uint8))
-        any_kept = keep[anchor]
-        fallback_target = torch.where(any_kept, target[anchor], 0)
-        fallback_value = torch.where(any_kept, values[anchor], flat[0])
+        # (index_select with a one-element index: indexing with a 0-d tensor reads it back.)
+        anchor = torch.argmax(keep.to(torch.uint8)).view(1)
+        any_kept = keep.index_select(0, anchor)
+        fallback_target = torch.where(any_kept, target.index_select(0, anchor), 0)
+        fallback_value = torch.where(any_kept.unsqueeze(1), values.index_select(0, anchor),
+                                     flat[:1])
         target = torch.where(keep, target, fallback_target)
         values = torch.where(keep.unsqueeze(1), values, fallback_value)
         flat.index_copy_(0, target, values)
