@@ -302,34 +302,33 @@ def _cuda_model(graphs, **rc):
 
 @needs_cuda
 def test_cuda_graphs_train_as_the_eager_contrast():
-    """Eight steps with an optimizer: losses, the bank and the weights as without graphs."""
-    from region_contrast.solver import build_optimizer
-
+    """
+    Step after step on the same weights: losses, gradients and the bank as without graphs.
+    (No optimizer: AdamW turns float32 rounding differences in near-zero gradients into
+    visible weight differences within a few steps.)
+    """
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    models = [_cuda_model(g) for g in (False, True)]
-    optimizers = [build_optimizer(make_cfg(), m) for m in models]
-    for it in range(8):
+    eager, graphed = (_cuda_model(g) for g in (False, True))
+    for it in range(6):
         batch = make_batch(it, n=2)
-        results = []
-        for model, optimizer in zip(models, optimizers):
+        losses = []
+        for model in (eager, graphed):
+            model.zero_grad(set_to_none=True)
             torch.manual_seed(it)  # the same dropout masks
-            optimizer.zero_grad(set_to_none=True)
-            losses, _ = train_step(model, batch, it=200 + it)
-            optimizer.step()
-            results.append({k: float(v) for k, v in losses.items()})
-        for key in results[0]:
-            # Float32 sums in another order, through 8 optimizer steps.
-            assert results[1][key] == pytest.approx(results[0][key], rel=2e-3, abs=1e-6), key
-    eager, graphed = models
+            losses.append({k: float(v) for k, v in train_step(model, batch, it=200 + it)[0].items()})
+        for key in losses[0]:
+            assert losses[1][key] == pytest.approx(losses[0][key], rel=1e-4, abs=1e-6), key
+        for (name, a), (_, b) in zip(eager.named_parameters(), graphed.named_parameters()):
+            if a.grad is not None:
+                scale = float(a.grad.abs().max())
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * scale,
+                                           msg=name)
+        for key, value in eager.memory_bank.state_dict().items():
+            torch.testing.assert_close(graphed.memory_bank.state_dict()[key], value,
+                                       rtol=1e-4, atol=1e-5)
     assert len(graphed._graphed._graphs) == 1 and not eager._graphed._graphs
-    assert results[0]["loss_contrast"] > 0
-    for key, value in eager.memory_bank.state_dict().items():
-        torch.testing.assert_close(graphed.memory_bank.state_dict()[key], value,
-                                   rtol=1e-2, atol=1e-3)
-    for (name, a), (_, b) in zip(eager.named_parameters(), graphed.named_parameters()):
-        scale = float(a.detach().abs().max())
-        torch.testing.assert_close(b, a, rtol=1e-2, atol=1e-3 * scale, msg=name)
+    assert losses[0]["loss_contrast"] > 0
 
 
 def _captured(model, steps=3):

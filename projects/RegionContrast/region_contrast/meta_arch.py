@@ -328,11 +328,14 @@ class RegionContrastSegmentor(SemanticSegmentor):
         """
         labels = self._labels_at(targets, embedding.shape[-2:])
         distributed = comm.get_world_size() > 1
+        # The head's loss first: its check for a batch without labels reads a device value,
+        # which then waits for the network's forward only, and the contrast's kernels run while
+        # the host queues the backward.
+        losses = self.sem_seg_head.losses(logits, targets)
         with torch.autocast(device_type=embedding.device.type, enabled=False):
             loss, statistics, rows, present = self._graphed(
                 embedding.float(), labels, push=not distributed
             )
-        losses = self.sem_seg_head.losses(logits, targets)
         losses["loss_contrast"] = self._weighted(loss)
         if not distributed:
             self.__dict__["_pending_statistics"] = statistics
