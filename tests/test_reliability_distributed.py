@@ -56,7 +56,7 @@ def batch_for(rank, step):
     return make_batch(seed=100 * step + rank, size=SIZE, all_ignore=empty)
 
 
-def _worker(rank, world_size, port, out_dir):
+def _worker(rank, world_size, port, out_dir, fixed_shapes=False):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -69,6 +69,8 @@ def _worker(rank, world_size, port, out_dir):
         # What detectron2.engine.launch sets up; comm.get_local_rank() etc. read it.
         comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
         model = build(dist_cfg(), seed=10 + rank)  # different initial weights on every rank...
+        if fixed_shapes:  # the CUDA-graph path's contrast (run eagerly here) and its push
+            model._runs_graphed = lambda: True
         ddp = DistributedDataParallel(model, broadcast_buffers=False)  # ...rank 0's broadcast
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         model.train()
@@ -89,9 +91,10 @@ def _worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def run_ranks(world_size, out_dir):
+def run_ranks(world_size, out_dir, fixed_shapes=False):
     context = mp.spawn(
-        _worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=False
+        _worker, args=(world_size, free_port(), str(out_dir), fixed_shapes), nprocs=world_size,
+        join=False,
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):  # raises if a rank failed
@@ -125,9 +128,10 @@ def reference(world_size):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_stay_identical_and_match_single_process(tmp_path, world_size):
-    results = run_ranks(world_size, tmp_path)
+@pytest.mark.parametrize("world_size, fixed_shapes", [(2, False), (3, False), (2, True)])
+def test_ranks_stay_identical_and_match_single_process(tmp_path, world_size, fixed_shapes):
+    """``fixed_shapes``: the ranks run the contrast that CUDA graphs replay on a GPU."""
+    results = run_ranks(world_size, tmp_path, fixed_shapes)
     states = [r["state"] for r in results]
     for rank, state in enumerate(states[1:], start=1):
         assert state.keys() == states[0].keys()
