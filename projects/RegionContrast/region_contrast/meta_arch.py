@@ -323,8 +323,8 @@ class RegionContrastSegmentor(SemanticSegmentor):
         The training losses with the contrast as CUDA graphs (:mod:`.graphed_contrast`). In a
         single process the graphs also push into the bank and nothing is read back: the step's
         statistics and label check are read at the start of the next step
-        (:meth:`_log_previous_step`), when the GPU is idle anyway. Under torch.distributed the
-        push is a collective, after one read as in the eager path.
+        (:meth:`_check_labels_and_log_previous_step`), when the GPU is idle anyway. Under
+        torch.distributed the push is a collective, after one read as in the eager path.
         """
         labels = self._labels_at(targets, embedding.shape[-2:])
         distributed = comm.get_world_size() > 1
