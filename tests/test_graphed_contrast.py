@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from detectron2.utils.events import EventStorage
-from region_contrast.graphed_contrast import STATISTICS
+from region_contrast import graphed_contrast
+from region_contrast.graphed_contrast import STATISTICS, dense_fits
 from region_contrast.loss import plan_padded_contrast, region_contrast_loss
 from region_contrast.memory_bank import RegionMemoryBank
 from test_meta_arch import NUM_CLASSES, build, make_batch, make_cfg, train_step
@@ -226,7 +227,7 @@ def test_training_in_fixed_shapes_matches_eager_training(monkeypatch):
     statistics are logged one step later.
     """
     eager, fixed = build(make_cfg()), build(make_cfg())
-    monkeypatch.setattr(fixed, "_runs_graphed", lambda: True)
+    monkeypatch.setattr(fixed, "_runs_graphed", lambda num_images: True)
     logged = []
     for it in range(4):
         batch = make_batch(10 + it, n=3)
@@ -255,7 +256,7 @@ def test_training_in_fixed_shapes_matches_eager_training(monkeypatch):
 
 def test_invalid_labels_in_fixed_shapes_raise_before_the_forward(monkeypatch):
     model = _filled_model()
-    monkeypatch.setattr(model, "_runs_graphed", lambda: True)
+    monkeypatch.setattr(model, "_runs_graphed", lambda num_images: True)
     train_step(model, make_batch(4), it=300)  # statistics pending: read with the check
     batch = make_batch(5)
     batch[1]["sem_seg"][:8, :8] = 7  # NUM_CLASSES is 5
@@ -281,6 +282,20 @@ def test_dense_contrast_counts_invalid_labels_and_pushes_nothing():
         assert torch.equal(model.memory_bank.state_dict()[key], value)
     with pytest.raises(ValueError, match=r"previous training batch.*\[-3, 9\]"):
         model._check_labels(values, previous=True)
+
+
+def test_graphs_only_for_batches_whose_padding_stays_small(monkeypatch):
+    """Every recipe's per-GPU batch is graphed; a 16-image batch of 171 classes is not."""
+    assert dense_fits(1, 19, 19 * 2975) and dense_fits(8, 19, 19 * 2975)  # Cityscapes
+    assert dense_fits(2, 150, 150 * 100) and dense_fits(2, 171, 171 * 100)  # ADE20K, COCO
+    assert not dense_fits(16, 171, 171 * 100)
+    cfg = make_cfg(SAMPLES_PER_CLASS=4)  # 5 classes x 4 sampled rows
+    model = build(cfg)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(graphed_contrast, "MAX_DENSE_LOGITS", 3 * 5 * 5 * 4)
+    assert model._runs_graphed(3) and not model._runs_graphed(4)
+    model.cuda_graphs = False
+    assert not model._runs_graphed(1)
 
 
 def test_a_copied_model_contrasts_with_its_own_projector_and_bank():

@@ -70,7 +70,7 @@ def _worker(rank, world_size, port, out_dir, fixed_shapes=False):
         comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
         model = build(dist_cfg(), seed=10 + rank)  # different initial weights on every rank...
         if fixed_shapes:  # the CUDA-graph path's contrast (run eagerly here) and its push
-            model._runs_graphed = lambda: True
+            model._runs_graphed = lambda num_images: True
         ddp = DistributedDataParallel(model, broadcast_buffers=False)  # ...rank 0's broadcast
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         model.train()

@@ -20,7 +20,7 @@ from detectron2.structures import ImageList
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from .graphed_contrast import STATISTICS, GraphedRegionContrast
+from .graphed_contrast import STATISTICS, GraphedRegionContrast, dense_fits
 from .loss import ContrastPlan, plan_region_contrast, region_contrast_loss
 from .memory_bank import RegionMemoryBank
 from .projection import build_projection_head, project
@@ -265,7 +265,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
             self.sem_seg_head.ignore_value,
         ).tensor
 
-        if self._runs_graphed():
+        if self._runs_graphed(len(batched_inputs)):
             self._check_labels_and_log_previous_step(targets)
             features = self.backbone(images.tensor)
             logits, embedding = self.sem_seg_head.forward_features(features)
@@ -415,11 +415,14 @@ class RegionContrastSegmentor(SemanticSegmentor):
     def _project(self, x):
         return project(self.projector, x)
 
-    def _runs_graphed(self):
+    def _runs_graphed(self, num_images):
         """Whether this step's contrast runs as CUDA graphs (the fixed-shape contrast)."""
+        bank = self.memory_bank
+        rows = self.samples_per_class if 0 < self.samples_per_class < bank.size else bank.size
         return (self.cuda_graphs and self.device.type == "cuda" and torch.is_grad_enabled()
                 and self.anchors == "region" and self.region_source == "gt"
-                and self.dynamic_samples == 0)
+                and self.dynamic_samples == 0
+                and dense_fits(num_images, self.num_classes, self.num_classes * rows))
 
     @staticmethod
     def _labels_at(targets, size):
