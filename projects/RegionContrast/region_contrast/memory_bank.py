@@ -146,21 +146,7 @@ class RegionMemoryBank(nn.Module):
         stored = features.to(self.dtype)
         if not checked:
             self._check(stored, classes)
-        cls, order = torch.sort(classes, stable=True)
-        stored = stored[order]
-        per_class = torch.bincount(cls, minlength=self.num_classes)
-        first = torch.cumsum(per_class, 0) - per_class
-        rank = torch.arange(n, device=cls.device) - first[cls]  # position within its class
-        slot = (rank + self.ptr[cls]) % self.size
-        if n > self.size:
-            # Only the last `size` rows of a class survive; their slots are distinct, so the
-            # single index_put_ has no duplicate indices and is deterministic. (With at most
-            # `size` rows all survive: no boolean mask, whose size the host would have to read.)
-            keep = rank >= per_class[cls] - self.size
-            cls, slot, stored = cls[keep], slot[keep], stored[keep]
-        self.features.index_put_((cls, slot), stored)
-        self.ptr.add_(per_class).remainder_(self.size)
-        self.count.add_(per_class).clamp_(max=self.size)
+        self._write_masked(stored, classes)
 
     @torch.no_grad()
     def push_masked(
@@ -180,14 +166,23 @@ class RegionMemoryBank(nn.Module):
                 f"classes {tuple(classes.shape)} and mask {tuple(mask.shape)} must be "
                 f"({features.shape[0]},) for {features.shape[0]} rows"
             )
-        n = features.shape[0]
-        if n == 0:
+        if features.shape[0] == 0:
             return
-        size, num_classes = self.size, self.num_classes
         stored = features.detach().to(device=self.features.device, dtype=self.dtype)
-        mask = mask.to(device=stored.device, dtype=torch.bool)
+        classes = classes.to(device=stored.device, dtype=torch.long)
+        self._write_masked(stored, classes, mask.to(device=stored.device, dtype=torch.bool))
+
+    def _write_masked(
+        self, stored: torch.Tensor, classes: torch.Tensor, mask: Optional[torch.Tensor] = None
+    ) -> None:
+        """
+        The ring write of :meth:`push` and :meth:`push_masked`: rows (R, D) in the storage
+        dtype, classes (R,) long and an optional mask (R,) of the rows to write, on the bank's
+        device. No host read and no data-dependent shape.
+        """
+        n, size, num_classes = classes.numel(), self.size, self.num_classes
         # Masked-out rows go to a virtual class past the last, which nothing reads.
-        key = torch.where(mask, classes.to(device=stored.device, dtype=torch.long), num_classes)
+        key = classes if mask is None else torch.where(mask, classes, num_classes)
         key, order = torch.sort(key, stable=True)
         per_class = torch.zeros(num_classes + 1, dtype=torch.long, device=key.device)
         per_class.scatter_add_(0, key, torch.ones_like(key))
