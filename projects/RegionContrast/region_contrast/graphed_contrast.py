@@ -25,7 +25,7 @@ from torch import nn
 from .loss import plan_padded_contrast, region_contrast_loss
 from .memory_bank import RegionMemoryBank
 from .projection import project
-from .regions import pool_slots
+from .regions import invalid_labels, pool_slots
 
 __all__ = ["DenseRegionContrast", "GraphedRegionContrast", "STATISTICS", "dense_fits"]
 
@@ -100,10 +100,9 @@ class DenseRegionContrast(nn.Module):
         c = self.num_classes
         with torch.autocast(device_type=embedding.device.type, enabled=False):
             flat = labels.reshape(labels.shape[0], -1)
-            ignored = flat == self.ignore_value
-            invalid = ~ignored & ((flat < 0) | (flat >= c))
+            invalid = invalid_labels(flat, c, self.ignore_value)
             # Slot C collects ignored and invalid pixels; it is dropped.
-            slot = torch.where(ignored | invalid, c, flat)
+            slot = torch.where((flat == self.ignore_value) | invalid, c, flat)
             sums, counts = pool_slots(embedding, slot, c)
             present = counts > 0
             centres = sums / counts.clamp(min=1).unsqueeze(1)

@@ -26,9 +26,10 @@ from .memory_bank import RegionMemoryBank
 from .projection import build_projection_head, project
 from .regions import (
     Regions,
-    _invalid_label_error,
     dynamic_subset_centers,
     find_regions,
+    invalid_label_error,
+    invalid_labels,
     pool_regions,
     sample_region_pixels,
 )
@@ -360,16 +361,16 @@ class RegionContrastSegmentor(SemanticSegmentor):
         last graphed step's statistics, which are logged now.
         """
         ignore = self.sem_seg_head.ignore_value
-        invalid = ((targets != ignore) & ((targets < 0) | (targets >= self.num_classes))).any()
+        invalid = invalid_labels(targets, self.num_classes, ignore).any()
         pending = self._pending_statistics
         self.__dict__["_pending_statistics"] = None
         if pending is None:
             if bool(invalid):
-                raise _invalid_label_error(targets, self.num_classes, ignore)
+                raise invalid_label_error(targets, self.num_classes, ignore)
             return
         invalid, *values = torch.cat([invalid.view(1).to(pending), pending]).tolist()
         if invalid:
-            raise _invalid_label_error(targets, self.num_classes, ignore)
+            raise invalid_label_error(targets, self.num_classes, ignore)
         values = dict(zip(STATISTICS, values))
         self._check_labels(values, previous=True)
         self._log_statistics(values["pos_cos"], values["neg_cos"], values["filled"])

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 __all__ = [
     "Regions",
     "find_regions",
+    "invalid_label_error",
+    "invalid_labels",
     "pool_regions",
     "pool_slots",
     "region_centers",
@@ -86,10 +88,15 @@ class Regions(NamedTuple):
     size: torch.Tensor  # (R,) pixels of each region
 
 
-def _invalid_label_error(labels, num_classes, ignore_value):
+def invalid_labels(labels: torch.Tensor, num_classes: int, ignore_value: int) -> torch.Tensor:
+    """Where ``labels`` are neither a class in ``[0, num_classes)`` nor ``ignore_value``."""
+    return (labels != ignore_value) & ((labels < 0) | (labels >= num_classes))
+
+
+def invalid_label_error(labels, num_classes, ignore_value):
+    """The ValueError for ``labels`` with :func:`invalid_labels`, naming the values."""
     flat = labels.reshape(-1).long()
-    bad = (flat != ignore_value) & ((flat < 0) | (flat >= num_classes))
-    offending = torch.unique(flat[bad])[:8].tolist()
+    offending = torch.unique(flat[invalid_labels(flat, num_classes, ignore_value)])[:8].tolist()
     return ValueError(
         f"labels contain value(s) {offending} outside [0, {num_classes}) that are not the "
         f"ignore value {ignore_value}; check NUM_CLASSES and the dataset's label mapping"
@@ -124,7 +131,7 @@ def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255
     # The one host read: regions per image and the count of out-of-range labels.
     *per_image, num_invalid = torch.cat([per_image, counts[:, 0::c + 1].sum().view(1)]).tolist()
     if num_invalid:
-        raise _invalid_label_error(labels, num_classes, ignore_value)
+        raise invalid_label_error(labels, num_classes, ignore_value)
     k = max(per_image, default=0)
     first = [0] * n
     for i in range(1, n):
