@@ -221,6 +221,22 @@ def test_dense_contrast_pushes_nothing_after_a_loss_that_is_not_finite():
     assert not torch.equal(model.memory_bank.ptr, before["ptr"])
 
 
+def _assert_same_gradients_and_bank(expected, got, *, grad_rtol, grad_atol, bank_rtol,
+                                    bank_atol):
+    """
+    Gradients and bank state of two models after the same step; ``grad_atol`` is relative to
+    each gradient's scale (float32 sums in another order).
+    """
+    for (name, a), (_, b) in zip(expected.named_parameters(), got.named_parameters()):
+        if a.grad is not None:
+            scale = float(a.grad.abs().max())
+            torch.testing.assert_close(b.grad, a.grad, rtol=grad_rtol, atol=grad_atol * scale,
+                                       msg=name)
+    for key, value in expected.memory_bank.state_dict().items():
+        torch.testing.assert_close(got.memory_bank.state_dict()[key], value, rtol=bank_rtol,
+                                   atol=bank_atol)
+
+
 def test_training_in_fixed_shapes_matches_eager_training(monkeypatch):
     """
     Whole steps: losses, gradients and the bank, step after step, as the bank fills; the
@@ -238,15 +254,8 @@ def test_training_in_fixed_shapes_matches_eager_training(monkeypatch):
         logged.append((storage_e.latest(), storage_f.latest()))
         for key in losses_e:
             torch.testing.assert_close(losses_f[key], losses_e[key], rtol=1e-5, atol=1e-7)
-        for (name, a), (_, b) in zip(eager.named_parameters(), fixed.named_parameters()):
-            if a.grad is not None:
-                # Float32 sums in another order: relative to the gradient's scale.
-                scale = float(a.grad.abs().max())
-                torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * scale,
-                                           msg=name)
-        for key, value in eager.memory_bank.state_dict().items():
-            torch.testing.assert_close(fixed.memory_bank.state_dict()[key], value,
-                                       rtol=1e-5, atol=1e-6)
+        _assert_same_gradients_and_bank(eager, fixed, grad_rtol=1e-4, grad_atol=1e-5,
+                                        bank_rtol=1e-5, bank_atol=1e-6)
     assert float(losses_e["loss_contrast"]) > 0
     assert "region_contrast_pos_cos" not in logged[0][1]
     for (previous, _), (_, now) in zip(logged, logged[1:]):
@@ -334,14 +343,8 @@ def test_cuda_graphs_train_as_the_eager_contrast():
             losses.append({k: float(v) for k, v in train_step(model, batch, it=200 + it)[0].items()})
         for key in losses[0]:
             assert losses[1][key] == pytest.approx(losses[0][key], rel=1e-4, abs=1e-6), key
-        for (name, a), (_, b) in zip(eager.named_parameters(), graphed.named_parameters()):
-            if a.grad is not None:
-                scale = float(a.grad.abs().max())
-                torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-4 * scale,
-                                           msg=name)
-        for key, value in eager.memory_bank.state_dict().items():
-            torch.testing.assert_close(graphed.memory_bank.state_dict()[key], value,
-                                       rtol=1e-4, atol=1e-5)
+        _assert_same_gradients_and_bank(eager, graphed, grad_rtol=1e-3, grad_atol=1e-4,
+                                        bank_rtol=1e-4, bank_atol=1e-5)
     assert len(graphed._graphed._graphs) == 1 and not eager._graphed._graphs
     assert losses[0]["loss_contrast"] > 0
 

@@ -189,13 +189,13 @@ class RegionContrastSegmentor(SemanticSegmentor):
         self.dynamic_fraction = dynamic_fraction
         self.warmup_iters = warmup_iters
         self.cuda_graphs = cuda_graphs
-        # Plain attributes: the runner holds the projector and the bank, not new state.
-        self.__dict__["_graphed"] = None if memory_bank is None else GraphedRegionContrast(
+        # Not modules or buffers: the runner holds the projector and the bank, not new state.
+        self._graphed = None if memory_bank is None else GraphedRegionContrast(
             projector=projector, bank=memory_bank, num_classes=num_classes,
             ignore_value=sem_seg_head.ignore_value, temperature=temperature,
             samples_per_class=samples_per_class,
         )
-        self.__dict__["_pending_statistics"] = None
+        self._pending_statistics = None
         if (window_size is None) != (window_stride is None):
             raise ValueError("window_size and window_stride are given together or not at all")
         self.window_size = None if window_size is None else tuple(window_size)
@@ -339,7 +339,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
             )
         losses["loss_contrast"] = self._weighted(loss)
         if not distributed:
-            self.__dict__["_pending_statistics"] = statistics
+            self._pending_statistics = statistics
             return losses
         total = sum(losses.values()).detach().float().view(1)
         *values, total = torch.cat([statistics, total]).tolist()
@@ -363,7 +363,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
         ignore = self.sem_seg_head.ignore_value
         invalid = invalid_labels(targets, self.num_classes, ignore).any()
         pending = self._pending_statistics
-        self.__dict__["_pending_statistics"] = None
+        self._pending_statistics = None
         if pending is None:
             if bool(invalid):
                 raise invalid_label_error(targets, self.num_classes, ignore)
