@@ -1,4 +1,5 @@
 """region_contrast.loss against a direct float64 transcription of METHOD.md section 4."""
+import itertools
 import math
 
 import pytest
@@ -55,12 +56,15 @@ def reference_loss_and_grad(anchors, *args):
     return loss.detach(), anchors.grad
 
 
+@pytest.mark.parametrize("max_dot", [None, 1.0])
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5, 1.0])
-def test_matches_reference(seed, temperature):
+@pytest.mark.parametrize("temperature", [0.02, 0.05, 0.1, 0.5, 1.0])
+def test_matches_reference(seed, temperature, max_dot):
     # Anchor classes include a class (4) that the bank never holds: such anchors are skipped.
+    # max_dot 1 (unit vectors) takes e^l without a shift, except at t = 0.02 (2 / t > 80).
     anchors, anchor_classes, memory, memory_classes = make_case(seed)
-    loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, temperature)
+    loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, temperature,
+                               max_dot=max_dot)
     ref, ref_grad = reference_loss_and_grad(anchors, anchor_classes, memory, memory_classes,
                                             temperature)
     assert loss.dtype == torch.float32 and loss.dim() == 0
@@ -154,13 +158,15 @@ def test_under_autocast():
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_dot", [None, 1.0])
 @pytest.mark.parametrize("max_elements", [1, 20, 21, 47, 10**9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_chunked_equals_unchunked(max_elements, dtype):
+def test_chunked_equals_unchunked(max_elements, dtype, max_dot):
     anchors, anchor_classes, memory, memory_classes = make_case(18, num_anchors=13, dtype=dtype)
-    full_loss, full_grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1)
+    full_loss, full_grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1,
+                                         max_dot=max_dot)
     loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1,
-                               max_elements=max_elements)
+                               max_elements=max_elements, max_dot=max_dot)
     # Only the matmuls' blocking differs between chunk sizes: float32 rounding, float64 exact.
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(loss, full_loss, **tol)
@@ -172,10 +178,10 @@ def test_gradcheck_float64():
                                                                 dim=4, num_classes=3,
                                                                 dtype=torch.float64)
     anchors.requires_grad_()
-    for max_elements in (9, 10**6):
+    for max_elements, max_dot in itertools.product((9, 10**6), (None, 1.0)):
         assert torch.autograd.gradcheck(
             lambda a: region_contrast_loss(a, anchor_classes, memory, memory_classes, 0.3,
-                                           max_elements=max_elements),
+                                           max_elements=max_elements, max_dot=max_dot),
             (anchors,),
         )
 
@@ -323,3 +329,55 @@ def test_float64_anchors_against_a_float32_memory_are_computed_in_float64():
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, same, rtol=1e-15, atol=0.0)
     torch.testing.assert_close(grad, same_grad, rtol=1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log1p_and_sigmoid_match_float64(dtype):
+    from region_contrast.loss import _log1p_and_sigmoid
+
+    # 0 (padding) to the largest ratio the shift-free loss can make (e^80 in float32).
+    r = torch.cat([torch.zeros(1), torch.logspace(-30, 34, 4001, dtype=torch.float64)]).to(dtype)
+    wide = r.double()
+    tol = (dict(rtol=3e-7, atol=0.0) if dtype == torch.float32 else dict(rtol=1e-15, atol=0.0))
+    log1p, sigmoid = _log1p_and_sigmoid(r.clone())
+    torch.testing.assert_close(log1p.double(), torch.log1p(wide), **tol)
+    torch.testing.assert_close(sigmoid.double(), wide / (1 + wide), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.0253, 0.1, 1.0])
+def test_shift_free_chunk_equals_shifted(dtype, temperature):
+    """
+    Both ways of taking the log-sum-exp, on the same plan: padding, rows without negatives,
+    anchors of a class absent from the memory, excluded columns and padding anchors included;
+    and anchors equal or opposite to memory rows, the extreme logits (2 / 0.0253 + ln 31 = 82.5
+    is past float32's limit for the loss, not for this direct call).
+    """
+    from region_contrast.loss import _chunk, plan_padded_contrast, plan_region_contrast
+
+    g = torch.Generator().manual_seed(40)
+    memory = unit(g, 31, 6, dtype)
+    memory_classes = torch.arange(31) % 4
+    order = torch.argsort(memory_classes, stable=True)
+    memory, memory_classes = memory[order], memory_classes[order]
+    anchors = torch.cat([unit(g, 5, 6, dtype), memory[:3], -memory[10:12]])
+    anchor_classes = torch.tensor([0, 1, 2, 3, 9, 0, 0, 1, 2, 3])
+    # A bank of one class: no anchor has a negative.
+    plans = [plan_region_contrast(anchor_classes, memory, memory_classes),
+             plan_region_contrast(anchor_classes % 4, memory[:8], memory_classes[:8])]
+    filled = torch.rand(4, 8, generator=g) < 0.6
+    filled = torch.sort(filled.int(), dim=1, descending=True).values.bool()
+    padded = torch.cat([memory[:32 - 31], memory])[:32]
+    plans.append(plan_padded_contrast(anchor_classes % 4, torch.rand(10, generator=g) < 0.7,
+                                      padded, filled))
+    for plan in plans:
+        scaled = anchors / temperature
+        per_anchor = (plan.cols, plan.pad, plan.weight.to(dtype), plan.anchor_mask)
+        mem = plan.memory.to(dtype)
+        shifted = _chunk(scaled, *per_anchor, mem, plan.excluded, True, False)
+        free = _chunk(scaled, *per_anchor, mem, plan.excluded, True, True)
+        tol = dict(rtol=2e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                              atol=1e-15)
+        for a, b in zip(free, shifted):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, **tol)

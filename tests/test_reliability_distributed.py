@@ -4,8 +4,9 @@ RegionContrastSegmentor under real torch.distributed: gloo on 127.0.0.1, process
 Detectron2 v0.6's ``launch`` only starts NCCL/GPU processes, so the test starts its own; the
 training step is the one ``DefaultTrainer`` runs (DistributedDataParallel with
 ``broadcast_buffers=False``, one optimizer step per batch), every rank with different data.
-GroupNorm rather than BatchNorm: BatchNorm's running statistics are per-rank buffers (DDP does
-not broadcast them here), so only the weights, not the whole state, would agree.
+GroupNorm rather than BatchNorm in the backbone, and no norm in the head: BatchNorm's running
+statistics are per-rank buffers (DDP does not broadcast them here), so only the weights, not the
+whole state, would agree.
 
 Checked, with 2 and 3 ranks (one spawn each):
 - every rank ends with a bitwise-identical state (weights and memory bank);
@@ -47,6 +48,10 @@ def dist_cfg():
     # No dropout: the single-process reference must draw the same (no) random numbers.
     cfg = make_cfg(norm="GN", crop=SIZE, MEMORY_SIZE=7)
     cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.0
+    # At this size res5 is 1x1, where the head's GroupNorm (one channel per group) normalises
+    # single values: its output is rounding noise over sqrt(eps), and its bias drifts by 3e-4
+    # when the loss is scaled by 1 + 2^-23, so it cannot be compared. The head runs without norm.
+    cfg.MODEL.SEM_SEG_HEAD.NORM = ""
     return cfg
 
 
@@ -149,4 +154,5 @@ def test_ranks_stay_identical_and_match_single_process(tmp_path, world_size, fix
     assert torch.equal(expected["memory_bank.count"], bank_count)
     assert torch.equal(expected["memory_bank.ptr"], states[0]["memory_bank.ptr"])
     for key, value in expected.items():
-        torch.testing.assert_close(states[0][key], value, atol=1e-4, rtol=1e-3, msg=key)
+        # Summation order differs (all-reduce, per-rank forwards): a few float32 roundings.
+        torch.testing.assert_close(states[0][key], value, atol=1e-5, rtol=1e-4, msg=key)

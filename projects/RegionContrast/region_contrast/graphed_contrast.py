@@ -24,7 +24,7 @@ from torch import nn
 
 from .loss import plan_padded_contrast, region_contrast_loss
 from .memory_bank import RegionMemoryBank
-from .projection import project
+from .projection import MAX_DOT, project
 from .regions import invalid_labels, pool_slots
 
 __all__ = ["DenseRegionContrast", "GraphedRegionContrast", "STATISTICS", "dense_fits"]
@@ -114,7 +114,7 @@ class DenseRegionContrast(nn.Module):
             loss, stats = region_contrast_loss(
                 anchors, classes, memory, grid.unsqueeze(1).expand_as(filled).reshape(-1),
                 self.temperature, return_stats=True,
-                plan=plan_padded_contrast(classes, present, memory, filled),
+                plan=plan_padded_contrast(classes, present, memory, filled), max_dot=MAX_DOT,
             )
             rows = anchors.detach()
             num_invalid = invalid.sum()

@@ -18,7 +18,8 @@ The memory's rows are grouped by class (the bank's ``snapshot`` and ``sample`` r
 other input is sorted once), so an anchor's positives are one contiguous span of columns: they
 are gathered into a small (anchors, widest span) matrix, and the dense (anchors, memory) work per
 chunk is two matmuls, one max, one exp, two sums and one scale. Nothing dense is indexed by a
-boolean mask, and no pair list is built.
+boolean mask, and no pair list is built. When the caller bounds the logits (unit vectors at the
+usual temperatures, ``max_dot``), the log-sum-exp needs no max and no shift.
 
 Everything that needs the host to read device values (grouping the memory, the positives' spans)
 is in :func:`plan_region_contrast`, which needs the classes and the memory but not the anchors: a
@@ -27,6 +28,7 @@ GPU.
 
 Pure tensor code: no config, no Detectron2, no I/O.
 """
+import math
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -152,26 +154,41 @@ def plan_padded_contrast(
 
 _SOFTPLUS_TAIL = 40.0  # past it, log(1 + e^x) = x to within e^-40 / 40: below float64's epsilon
 
+# The largest 2 * max|logit| + ln(memory rows) at which the loss takes e^l without a shift:
+# e^l, the negatives' sums and their ratios to a positive's e^l then all stay normal numbers
+# (float32's lie in [e^-87, e^88]).
+_SHIFT_FREE_LIMIT = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def _log1p_and_sigmoid(r):
+    """
+    log(1 + r) and r / (1 + r) for finite r >= 0, exact in float32 and float64 from one log
+    (log1p is a scalar loop on the CPU). Overwrites ``r``.
+    """
+    u = r + 1.0
+    # log1p(r) = log(u) minus the rounding of u = 1 + r, to first order: (u - 1 - r) / u.
+    log1p = torch.log(u).sub_((u - 1.0).sub_(r).div_(u))
+    return log1p, r.div_(u)
+
 
 def _softplus_and_sigmoid(x):
     """
-    log(1 + e^x) and 1 / (1 + e^-x), exact in float32 and float64 (F.softplus and log1p are
-    scalar loops on the CPU), from one exp.
+    log(1 + e^x) and 1 / (1 + e^-x), exact in float32 and float64 (F.softplus is a scalar loop
+    on the CPU), from one exp.
     """
-    y = torch.exp(x.clamp(max=_SOFTPLUS_TAIL))
-    u = y + 1.0
-    # log1p(y) = log(u) minus the rounding of u = 1 + y, to first order: (u - 1 - y) / u.
-    softplus = torch.log(u) - (u - 1.0 - y) / u + (x - _SOFTPLUS_TAIL).clamp_(min=0.0)
-    return softplus, y.div_(u)
+    softplus, sigmoid = _log1p_and_sigmoid(torch.exp(x.clamp(max=_SOFTPLUS_TAIL)))
+    return softplus.add_((x - _SOFTPLUS_TAIL).clamp_(min=0.0)), sigmoid
 
 
-def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad):
+def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad, shift_free):
     """
     A chunk of anchors (already divided by t): their weighted loss terms, and optionally the
     gradient of that sum with respect to ``scaled``.
 
     With x_p = L - l_p, L = logsumexp of the negatives' logits:  term_p = softplus(x_p),
     d term_p / d l_p = -sigmoid(x_p) and d term_p / d l_n = sigmoid(x_p) e^(l_n - L).
+    ``shift_free`` says that the logits are small enough (``_SHIFT_FREE_LIMIT``) to take e^l
+    as they are; otherwise each row is shifted by its negatives' max.
 
     Returns (weighted sum of the terms, sum of positive logits, sum of all logits, grad).
     """
@@ -181,27 +198,40 @@ def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad):
     logit_sum = logits.sum() if anchor_mask is None else logits.sum(dim=1) @ anchor_mask
     pos_logits = logits.gather(1, cols)
     pos_sum = pos_logits.masked_fill(pad, 0.0).sum()
-    # l = +inf on padding makes x = -inf there: its softplus and sigmoid are exactly 0.
-    pos_logits.masked_fill_(pad, float("inf"))
 
-    # Shifted by the negatives' max, their exps sum to >= 1: L never under- or overflows. A row
-    # without negatives (max -inf) gets a finite stand-in; its exps are all 0.
-    logits.scatter_(1, cols, float("-inf"))
-    if excluded is not None:
-        logits.masked_fill_(excluded, float("-inf"))
-    shift = logits.amax(dim=1).clamp_(min=torch.finfo(logits.dtype).min)
-    neg = logits.sub_(shift.unsqueeze(1)).exp_()  # positives are exp(-inf) = 0
-    neg_sum = neg.sum(dim=1)
-    # L = -inf without negatives, so x = -inf and every term of such a row is 0.
-    x = torch.log(neg_sum).add_(shift).unsqueeze(1) - pos_logits
-    terms, sigmoid = _softplus_and_sigmoid(x)
+    if shift_free:
+        neg = logits.exp_().scatter_(1, cols, 0.0)
+        if excluded is not None:
+            neg.masked_fill_(excluded, 0.0)
+        neg_sum = neg.sum(dim=1)
+        # e^(x_p) = sum_n e^(l_n) / e^(l_p); +inf on padding makes it 0, and so its term and
+        # sigmoid. A row without negatives has a sum of 0, and 0s there too.
+        ratio = neg_sum.unsqueeze(1) / pos_logits.exp_().masked_fill_(pad, float("inf"))
+        terms, sigmoid = _log1p_and_sigmoid(ratio)
+        # e^(l_n - L) = neg_n / neg_sum; a valid row's sum is at least e^(-max|logit|).
+        divisor = neg_sum.clamp_(min=torch.finfo(neg_sum.dtype).tiny)
+    else:
+        # l = +inf on padding makes x = -inf there: its softplus and sigmoid are exactly 0.
+        pos_logits.masked_fill_(pad, float("inf"))
+        # Shifted by the negatives' max, their exps sum to >= 1: L never under- or overflows.
+        # A row without negatives (max -inf) gets a finite stand-in; its exps are all 0.
+        logits.scatter_(1, cols, float("-inf"))
+        if excluded is not None:
+            logits.masked_fill_(excluded, float("-inf"))
+        shift = logits.amax(dim=1).clamp_(min=torch.finfo(logits.dtype).min)
+        neg = logits.sub_(shift.unsqueeze(1)).exp_()  # positives are exp(-inf) = 0
+        neg_sum = neg.sum(dim=1)
+        # L = -inf without negatives, so x = -inf and every term of such a row is 0.
+        x = torch.log(neg_sum).add_(shift).unsqueeze(1) - pos_logits
+        terms, sigmoid = _softplus_and_sigmoid(x)
+        # e^(l_n - L) = neg_n / neg_sum, and neg_sum >= 1 on valid rows (0 without negatives).
+        divisor = neg_sum.clamp_(min=1.0)
     loss_sum = terms.sum(dim=1) @ weight
     if not with_grad:
         return loss_sum, pos_sum, logit_sum, None
 
     pos_weight = sigmoid.mul_(weight.unsqueeze(1))
-    # e^(l_n - L) = neg_n / neg_sum, and neg_sum >= 1 on valid rows (0 without negatives).
-    neg_scale = pos_weight.sum(dim=1).div_(neg_sum.clamp_(min=1.0))
+    neg_scale = pos_weight.sum(dim=1).div_(divisor)
     grad_logits = neg.mul_(neg_scale.unsqueeze(1))
     # Positive columns hold 0; padding entries add 0 to a positive column.
     grad_logits.scatter_add_(1, cols, pos_weight.neg_())
@@ -217,20 +247,23 @@ class _RegionContrastLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchors, memory, plan, temperature, max_elements):
+    def forward(ctx, anchors, memory, plan, temperature, max_elements, max_dot):
         num_anchors = anchors.shape[0]
         chunk = _chunk_rows(num_anchors, memory.shape[0], max_elements)
         scaled = anchors / temperature
         with_grad = ctx.needs_input_grad[0]
+        shift_free = max_dot is not None and (
+            2.0 * max_dot / temperature + math.log(memory.shape[0])
+            <= _SHIFT_FREE_LIMIT[memory.dtype])
         per_anchor = (plan.cols, plan.pad, plan.weight, plan.anchor_mask)
         if chunk >= num_anchors:  # the usual case: no slices, no accumulation
             loss, pos_sum, logit_sum, grad = _chunk(scaled, *per_anchor, memory, plan.excluded,
-                                                    with_grad)
+                                                    with_grad, shift_free)
         else:
             parts = [
                 _chunk(scaled[lo : lo + chunk],
                        *(None if t is None else t[lo : lo + chunk] for t in per_anchor),
-                       memory, plan.excluded, with_grad)
+                       memory, plan.excluded, with_grad, shift_free)
                 for lo in range(0, num_anchors, chunk)
             ]
             loss, pos_sum, logit_sum = (torch.stack(v).sum() for v in list(zip(*parts))[:3])
@@ -247,9 +280,9 @@ class _RegionContrastLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid, _grad_stats):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None
 
 
 def region_contrast_loss(
@@ -262,6 +295,7 @@ def region_contrast_loss(
     return_stats: bool = False,
     max_elements: int = _DEFAULT_MAX_ELEMENTS,
     plan: Optional[ContrastPlan] = None,
+    max_dot: Optional[float] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
     """
     Args:
@@ -276,6 +310,10 @@ def region_contrast_loss(
         max_elements: logits computed at most this many at a time (chunks of anchors).
         plan: :func:`plan_region_contrast` (or :func:`plan_padded_contrast`) of these classes
             and memory, made earlier; the loss then reads no device value on the host.
+        max_dot: a bound on |a . m| over every anchor and memory row that the caller guarantees
+            (about 1 for unit vectors). When ``max_dot / temperature`` is small enough, the
+            log-sum-exp needs no shift and the loss makes two fewer passes over the logits;
+            the result is the same. A bound that does not hold can give inf or NaN.
 
     Returns:
         A float32 scalar (float64 for float64 inputs): the mean loss over valid anchors, or a
@@ -325,7 +363,8 @@ def region_contrast_loss(
                               if getattr(plan, k) is not None})
                 plan = plan._replace(**moved)
             loss, num_valid, cosines = _RegionContrastLoss.apply(
-                a, m, plan, float(temperature), int(max_elements)
+                a, m, plan, float(temperature), int(max_elements),
+                None if max_dot is None else float(max_dot),
             )
             pos_cos, neg_cos = cosines.unbind()
             stats = {"pos_cos": pos_cos, "neg_cos": neg_cos, "num_valid": num_valid}

@@ -23,7 +23,7 @@ from detectron2.utils.events import get_event_storage
 from .graphed_contrast import STATISTICS, GraphedRegionContrast, dense_fits
 from .loss import ContrastPlan, plan_region_contrast, region_contrast_loss
 from .memory_bank import RegionMemoryBank
-from .projection import build_projection_head, project
+from .projection import MAX_DOT, build_projection_head, project
 from .regions import (
     Regions,
     dynamic_subset_centers,
@@ -478,7 +478,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
 
             loss, stats = region_contrast_loss(
                 anchors, anchor_classes, prepared.memory, prepared.memory_classes,
-                self.temperature, return_stats=True, plan=prepared.plan,
+                self.temperature, return_stats=True, plan=prepared.plan, max_dot=MAX_DOT,
             )
 
             bank_rows, bank_classes = region_embeddings.detach(), classes

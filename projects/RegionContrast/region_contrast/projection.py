@@ -4,7 +4,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["build_projection_head", "project"]
+__all__ = ["MAX_DOT", "build_projection_head", "project"]
+
+# A bound on |a . m| for rows from :func:`project` and a bank that holds them: unit vectors, which
+# a float16 or bfloat16 bank rounds by at most 2^-8 relative (the loss's ``max_dot``).
+MAX_DOT = 1.01
 
 
 def build_projection_head(in_dim: int, proj_dim: int):
