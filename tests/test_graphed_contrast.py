@@ -165,6 +165,24 @@ def test_dense_contrast_is_the_eager_contrast(per_class):
         torch.testing.assert_close(dense[5][name], grad, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dense_contrast_of_a_half_precision_embedding_is_that_of_its_float32_copy(dtype):
+    """The embedding enters as autocast made it; the contrast upcasts it while pooling."""
+    model = _filled_model()
+    model.train()
+    embedding, _, targets = _contrast_inputs(model, make_batch(7, n=3))
+    half = embedding.to(dtype)
+    torch.manual_seed(3)
+    wide = _dense_contrast(model, half.float(), targets)
+    torch.manual_seed(3)
+    got = _dense_contrast(model, half, targets)
+    for a, b in zip(got[:4], wide[:4]):
+        assert torch.equal(a, b)
+    assert got[4].dtype == dtype and torch.equal(got[4], wide[4].to(dtype))
+    for name, grad in wide[5].items():
+        assert torch.equal(got[5][name], grad)
+
+
 class _RefuseDeviceReads(TorchDispatchMode):
     """
     Fails on the operators that read device values back to the host (on CUDA: a

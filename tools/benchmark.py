@@ -16,8 +16,10 @@ Parts:
      time and peak memory. Recipes: DigitScenes and a Cityscapes DeepLabV3+ R101 recipe (reduced
      crop on the CPU; full crop, batch per GPU, AMP on CUDA).
   2. inference: eval-mode forward time ratio, and whether the outputs are identical.
-  3. the contrast machinery alone (region_centers + projection + loss + push, forward+backward)
-     at 19 / 150 / 171 classes against a naive per-class-loop reference kept in this file.
+  3. the contrast machinery alone (region centres + projection + loss + push, forward+backward,
+     run as the meta-architecture's eager path runs it: regions and the loss's plan first, one
+     host read) at 19 / 150 / 171 classes against a naive per-class-loop reference kept in this
+     file.
   4. bank bytes of every recipe in configs/ (fp32 and fp16/bf16) next to a pixel memory.
   5. (--device cuda) images/s and peak CUDA memory at Cityscapes, ADE20K and COCO-Stuff scale.
 
@@ -898,10 +900,10 @@ def contrast_inputs(num_images, dim, h, w, num_classes, regions_per_image, seed,
 def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device, warmup,
                         repeats, seed):
     import torch.nn.functional as F
-    from region_contrast.loss import region_contrast_loss
+    from region_contrast.loss import plan_region_contrast, region_contrast_loss
     from region_contrast.memory_bank import RegionMemoryBank
-    from region_contrast.projection import build_projection_head
-    from region_contrast.regions import region_centers
+    from region_contrast.projection import MAX_DOT, build_projection_head, project
+    from region_contrast.regions import find_regions, pool_regions, region_centers
 
     n, d, h, w = sizes["images"], sizes["dim"], sizes["h"], sizes["w"]
     regions_per_image = min(sizes["regions_per_image"], max(1, int(0.8 * num_classes)))
@@ -918,12 +920,19 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
             p.grad = None
 
     def fast_loss(memory=None):
-        centers, classes, _ = region_centers(features, labels, num_classes)
-        emb = F.normalize(projector(centers), dim=1)
+        # As the meta-architecture's eager path runs it: the regions and the loss's plan first
+        # (one host read, in find_regions), then pooling, projection and loss, which read none.
+        regions = find_regions(labels, num_classes)
         if memory is None:
-            memory = bank.sample(samples_per_class)
-        loss = region_contrast_loss(emb, classes, memory[0], memory[1], t)
-        return loss, emb, classes
+            # No copy: the loss is done with the bank before the push.
+            memory = bank.sample(samples_per_class, copy=False)
+        counts, bound = bank.class_counts(samples_per_class)
+        plan = plan_region_contrast(regions.classes, memory[0], memory[1], class_counts=counts,
+                                    max_count=bound)
+        emb = project(projector, pool_regions(features, regions))
+        loss = region_contrast_loss(emb, regions.classes, memory[0], memory[1], t, plan=plan,
+                                    max_dot=MAX_DOT)
+        return loss, emb, regions.classes
 
     def naive_loss(memory=None):
         centers, classes = naive_region_centers(features, labels, num_classes)
@@ -937,7 +946,8 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
         zero()
         loss, emb, classes = fast_loss()
         loss.backward()
-        bank.push(emb.detach(), classes)
+        # One read, as the meta-architecture's: the rows' finiteness, so the push need not check.
+        bank.push(emb.detach(), classes, checked=bool(torch.isfinite(emb).all()))
 
     def naive():
         zero()

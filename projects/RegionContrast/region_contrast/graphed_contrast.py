@@ -177,7 +177,7 @@ class GraphedRegionContrast:
         if where != self._where:
             self._graphs.clear()
             self._where = where
-        key = (tuple(embedding.shape), tuple(labels.shape), labels.dtype, push)
+        key = (tuple(embedding.shape), embedding.dtype, tuple(labels.shape), labels.dtype, push)
         graphed = self._graphs.get(key)
         if graphed is None:
             if len(self._graphs) >= self.max_graphs:

@@ -333,9 +333,11 @@ class RegionContrastSegmentor(SemanticSegmentor):
         # which then waits for the network's forward only, and the contrast's kernels run while
         # the host queues the backward.
         losses = self.sem_seg_head.losses(logits, targets)
+        # The embedding goes in as autocast made it: the graph upcasts it while pooling, which
+        # spares a full-size copy outside the graph.
         with torch.autocast(device_type=embedding.device.type, enabled=False):
             loss, statistics, rows, present = self._graphed(
-                embedding.float(), labels, push=not distributed
+                embedding, labels, push=not distributed
             )
         losses["loss_contrast"] = self._weighted(loss)
         if not distributed:
