@@ -188,23 +188,29 @@ class RegionMemoryBank(nn.Module):
         per_class.scatter_add_(0, key, torch.ones_like(key))
         first = torch.cumsum(per_class, 0) - per_class
         rank = torch.arange(n, device=key.device) - first[key]  # position within its class
-        real = key < num_classes
-        cls = key.clamp(max=num_classes - 1)
-        # As in push: rows of one class in order, only the last `size` of them survive.
-        keep = real & (rank >= per_class[key] - size)
-        target = cls * size + (rank + self.ptr[cls]) % size
         flat = self.features.view(-1, self.dim)
         values = stored[order]
-        # Rows not kept write what a kept row writes (or slot 0 its own value when none is
-        # kept): duplicate indices then carry equal values, so the result is deterministic.
-        # (index_select with a one-element index: indexing with a 0-d tensor reads it back.)
-        anchor = torch.argmax(keep.to(torch.uint8)).view(1)
-        any_kept = keep.index_select(0, anchor)
-        fallback_target = torch.where(any_kept, target.index_select(0, anchor), 0)
-        fallback_value = torch.where(any_kept.unsqueeze(1), values.index_select(0, anchor),
-                                     flat[:1])
-        target = torch.where(keep, target, fallback_target)
-        values = torch.where(keep.unsqueeze(1), values, fallback_value)
+        if mask is None and n <= size:
+            # The usual push: no class gets more rows than it has slots, every row is written
+            # to a slot of its own.
+            target = key * size + (rank + self.ptr[key]) % size
+        else:
+            real = key < num_classes
+            cls = key.clamp(max=num_classes - 1)
+            # As in push: rows of one class in order, only the last `size` of them survive.
+            keep = real & (rank >= per_class[key] - size)
+            target = cls * size + (rank + self.ptr[cls]) % size
+            # Rows not kept write what a kept row writes (or slot 0 its own value when none
+            # is kept): duplicate indices then carry equal values, so the result is
+            # deterministic. (index_select with a one-element index: indexing with a 0-d
+            # tensor reads it back.)
+            anchor = torch.argmax(keep.to(torch.uint8)).view(1)
+            any_kept = keep.index_select(0, anchor)
+            fallback_target = torch.where(any_kept, target.index_select(0, anchor), 0)
+            fallback_value = torch.where(any_kept.unsqueeze(1), values.index_select(0, anchor),
+                                         flat[:1])
+            target = torch.where(keep, target, fallback_target)
+            values = torch.where(keep.unsqueeze(1), values, fallback_value)
         flat.index_copy_(0, target, values)
         self.ptr.add_(per_class[:num_classes]).remainder_(size)
         self.count.add_(per_class[:num_classes]).clamp_(max=size)
