@@ -381,3 +381,40 @@ def test_shift_free_chunk_equals_shifted(dtype, temperature):
         for a, b in zip(free, shifted):
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("per_class", [0, 3])
+@pytest.mark.parametrize("max_dot", [None, 1.0])
+def test_uniform_plan_of_a_full_bank_equals_the_general_plan(per_class, max_dot):
+    """A full bank (every class the same number of rows): the plan without padding."""
+    from region_contrast.loss import plan_region_contrast
+    from region_contrast.memory_bank import RegionMemoryBank
+
+    g = torch.Generator().manual_seed(12)
+    bank = RegionMemoryBank(5, 4, 8)
+    bank.push(unit(g, 27, 8), torch.arange(27) % 5)  # every ring wrapped at least once
+    memory, memory_classes, width = bank.read(per_class, generator=g)
+    assert width == (per_class or 4) and memory.shape[0] == 5 * width
+    anchors = unit(g, 9, 8)
+    anchor_classes = torch.tensor([0, 4, 4, 1, 2, 3, 0, 2, 1])
+    uniform = plan_region_contrast(anchor_classes, memory, memory_classes, rows_per_class=width)
+    general = plan_region_contrast(anchor_classes, memory, memory_classes)
+    assert uniform.pad is None and not general.pad.any()
+    for name in ("cols", "weight", "num_valid", "pair_counts"):
+        assert torch.equal(getattr(uniform, name), getattr(general, name)), name
+    expected, expected_grad = reference_loss_and_grad(anchors, anchor_classes, memory,
+                                                      memory_classes, 0.1)
+    loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1,
+                               plan=uniform, max_dot=max_dot)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+    # A bank of one class: no anchor has a negative, a zero that keeps its gradient.
+    one = plan_region_contrast(torch.zeros(3, dtype=torch.long), memory[:width],
+                               memory_classes[:width], rows_per_class=width)
+    loss, grad = loss_and_grad(anchors[:3], torch.zeros(3, dtype=torch.long), memory[:width],
+                               memory_classes[:width], 0.1, plan=one, max_dot=max_dot)
+    assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    with pytest.raises(ValueError, match=f"rows_per_class = {width} must .* divide the "
+                                         f"memory's {5 * width - 1} rows"):
+        plan_region_contrast(anchor_classes, memory[:-1], memory_classes[:-1],
+                             rows_per_class=width)

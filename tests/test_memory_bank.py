@@ -290,3 +290,19 @@ def test_checked_push_reads_nothing_back_and_stores_the_same(monkeypatch):
     # Unchecked, a push reads the rows back and refuses one that is not finite.
     with pytest.raises(ValueError, match="not finite"):
         plain.push(rows.masked_fill(rows > 0.5, float("nan")), classes)
+
+
+@pytest.mark.parametrize("per_class", [0, 2, 3, 9])
+def test_read_is_sample_and_says_when_every_class_gives_the_same_rows(per_class):
+    bank = RegionMemoryBank(3, 3, 2)
+    width = per_class if 0 < per_class < 3 else 3
+    for pushed in ([0, 0, 1, 2, 2], [1, 1, 0, 0, 2, 1], [0, 2, 2, 0, 1]):
+        bank.push(torch.randn(len(pushed), 2), torch.tensor(pushed))
+        g, h = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        rows, classes, uniform = bank.read(per_class, generator=g)
+        expected = bank.sample(per_class, generator=h)
+        assert torch.equal(rows, expected[0]) and torch.equal(classes, expected[1])
+        full = bool((bank.count >= width).all())
+        assert uniform == (width if full else None)
+        if full:
+            assert torch.equal(classes, torch.arange(3).repeat_interleave(width))

@@ -48,7 +48,8 @@ class ContrastPlan(NamedTuple):
 
     memory: torch.Tensor  # (M, D) the memory, each class's rows contiguous, classes ascending
     cols: torch.Tensor  # (A, W) columns of each anchor's positives, W the most of one anchor
-    pad: torch.Tensor  # (A, W) bool: padding past the anchor's positives (repeats a column)
+    # (A, W) bool: padding past the anchor's positives (repeats a column), or None (no padding).
+    pad: Optional[torch.Tensor]
     # (A,) valid / (positives * valid anchors): an anchor's share of the mean loss is this times
     # the sum of its positives' terms (0 for an anchor without a positive or a negative).
     weight: torch.Tensor
@@ -67,6 +68,7 @@ def plan_region_contrast(
     *,
     class_counts: Optional[torch.Tensor] = None,
     max_count: Optional[int] = None,
+    rows_per_class: Optional[int] = None,
 ) -> ContrastPlan:
     """
     Groups the memory by class (one sort, unless it already is, as the bank's ``snapshot`` and
@@ -77,10 +79,18 @@ def plan_region_contrast(
     ``class_counts`` gives them); the anchors' classes must then be below its length. With
     ``max_count`` as well, a bound on those counts known on the host (the bank's slots per
     class), the plan reads nothing back: spans are padded to that width.
+
+    ``rows_per_class`` says more: the memory is grouped by class in ascending order and every
+    class has exactly that many rows (a full bank, the steady state; the bank's
+    ``rows_per_class``), and the anchors' classes are below ``M / rows_per_class``. The plan
+    then reads nothing back and needs no padding.
     """
     device = memory.device
     anchor_classes = anchor_classes.to(device=device, dtype=torch.long)
     num_memory = memory.shape[0]
+    dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
+    if rows_per_class is not None:
+        return _uniform_plan(anchor_classes, memory, rows_per_class, dtype)
     if class_counts is not None:
         counts = class_counts.to(device=device, dtype=torch.long)
         num_pos = counts[anchor_classes]
@@ -111,11 +121,28 @@ def plan_region_contrast(
     # Padding repeats the span's first column, a positive for a valid row, so the loss's writes
     # through `cols` touch only positive columns of valid rows (an invalid row is weighted 0).
     cols = start.unsqueeze(1) + offsets.masked_fill(pad, 0)
-    dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
     weight = valid.to(dtype) / (num_pos.clamp(min=1) * num_valid.clamp(min=1))
     num_pairs = num_pos.sum()
     pair_counts = torch.stack([num_pairs, anchor_classes.numel() * num_memory - num_pairs])
     return ContrastPlan(memory, cols, pad, weight, num_valid, pair_counts.to(dtype))
+
+
+def _uniform_plan(anchor_classes, memory, width, dtype):
+    """The plan when every class has ``width`` rows: a handful of operators, known counts."""
+    num_anchors, num_memory = anchor_classes.numel(), memory.shape[0]
+    if width < 1 or num_memory % width:
+        raise ValueError(f"rows_per_class = {width} must be >= 1 and divide the memory's "
+                         f"{num_memory} rows")
+    device = memory.device
+    # Every anchor has `width` positives, and negatives when there is a second class.
+    valid = num_anchors if num_memory > width else 0
+    cols = (anchor_classes * width).unsqueeze(1) + torch.arange(width, device=device)
+    weight = torch.full((num_anchors,), 1.0 / (width * valid) if valid else 0.0, dtype=dtype,
+                        device=device)
+    num_valid = torch.full((), valid, dtype=torch.long, device=device)
+    pair_counts = torch.tensor([num_anchors * width, num_anchors * (num_memory - width)],
+                               dtype=dtype, device=device)
+    return ContrastPlan(memory, cols, None, weight, num_valid, pair_counts)
 
 
 def plan_padded_contrast(
@@ -197,7 +224,7 @@ def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad, 
         logits.masked_fill_(excluded, 0.0)
     logit_sum = logits.sum() if anchor_mask is None else logits.sum(dim=1) @ anchor_mask
     pos_logits = logits.gather(1, cols)
-    pos_sum = pos_logits.masked_fill(pad, 0.0).sum()
+    pos_sum = (pos_logits if pad is None else pos_logits.masked_fill(pad, 0.0)).sum()
 
     if shift_free:
         neg = logits.exp_().scatter_(1, cols, 0.0)
@@ -206,13 +233,17 @@ def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad, 
         neg_sum = neg.sum(dim=1)
         # e^(x_p) = sum_n e^(l_n) / e^(l_p); +inf on padding makes it 0, and so its term and
         # sigmoid. A row without negatives has a sum of 0, and 0s there too.
-        ratio = neg_sum.unsqueeze(1) / pos_logits.exp_().masked_fill_(pad, float("inf"))
+        pos_exp = pos_logits.exp_()
+        if pad is not None:
+            pos_exp.masked_fill_(pad, float("inf"))
+        ratio = neg_sum.unsqueeze(1) / pos_exp
         terms, sigmoid = _log1p_and_sigmoid(ratio)
         # e^(l_n - L) = neg_n / neg_sum; a valid row's sum is at least e^(-max|logit|).
         divisor = neg_sum.clamp_(min=torch.finfo(neg_sum.dtype).tiny)
     else:
         # l = +inf on padding makes x = -inf there: its softplus and sigmoid are exactly 0.
-        pos_logits.masked_fill_(pad, float("inf"))
+        if pad is not None:
+            pos_logits.masked_fill_(pad, float("inf"))
         # Shifted by the negatives' max, their exps sum to >= 1: L never under- or overflows.
         # A row without negatives (max -inf) gets a finite stand-in; its exps are all 0.
         logits.scatter_(1, cols, float("-inf"))

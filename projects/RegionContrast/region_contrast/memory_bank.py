@@ -265,16 +265,7 @@ class RegionMemoryBank(nn.Module):
                 grouped by class.
             classes: (M,) long.
         """
-        flat = self.features.view(-1, self.dim)
-        if bool((self.count == self.size).all()):  # the steady state: every slot filled
-            index = torch.arange(flat.shape[0], device=flat.device)
-            features = flat.to(self._output_dtype(), copy=copy)
-        else:
-            # Filled slots are a prefix of each ring; index_select is much faster than a
-            # boolean mask over the (C, size, D) buffer.
-            index = torch.nonzero(self._filled().view(-1), as_tuple=True)[0]
-            features = flat.index_select(0, index).to(self._output_dtype())
-        return features, torch.div(index, self.size, rounding_mode="floor")
+        return self.read(0, copy=copy)[:2]
 
     @torch.no_grad()
     def sample(
@@ -287,12 +278,38 @@ class RegionMemoryBank(nn.Module):
         Returns:
             features: (M, D) float32, grouped by class; classes: (M,) long.
         """
-        if per_class <= 0 or per_class >= self.size:
-            return self.snapshot(copy=copy)
+        return self.read(per_class, generator=generator, copy=copy)[:2]
+
+    @torch.no_grad()
+    def read(
+        self, per_class: int = 0, *, generator: Optional[torch.Generator] = None,
+        copy: bool = True,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[int]]:
+        """
+        :meth:`sample` (``per_class <= 0``: :meth:`snapshot`), and the number of rows that
+        every class gives when it is the same for all (a full bank, the steady state), else
+        None; with one host read, whether the bank is that full.
+        """
+        width = per_class if 0 < per_class < self.size else self.size
+        flat = self.features.view(-1, self.dim)
+        uniform = bool((self.count >= width).all())
+        if width == self.size:
+            if uniform:  # every slot filled
+                index = torch.arange(flat.shape[0], device=flat.device)
+                features = flat.to(self._output_dtype(), copy=copy)
+            else:
+                # Filled slots are a prefix of each ring; index_select is much faster than a
+                # boolean mask over the (C, size, D) buffer.
+                index = torch.nonzero(self._filled().view(-1), as_tuple=True)[0]
+                features = flat.index_select(0, index).to(self._output_dtype())
+            classes = torch.div(index, self.size, rounding_mode="floor")
+            return features, classes, width if uniform else None
         rows, ok = self.padded_rows(per_class, generator=generator)
-        ok = ok.view(-1)
         classes = self._class_grid().expand(-1, per_class).reshape(-1)
-        return rows[ok], classes[ok]
+        if uniform:  # every drawn slot is filled
+            return rows, classes, width
+        ok = ok.view(-1)
+        return rows[ok], classes[ok], None
 
     @torch.no_grad()
     def padded_rows(

@@ -445,12 +445,14 @@ class RegionContrastSegmentor(SemanticSegmentor):
             labels = torch.where(labels == ignore, labels, pred)
         regions = find_regions(labels, self.num_classes, ignore)
         # No copy of the bank: the loss is done with it before the step's push.
-        memory, memory_classes = self.memory_bank.sample(self.samples_per_class, copy=False)
+        bank = self.memory_bank
+        memory, memory_classes, uniform = bank.read(self.samples_per_class, copy=False)
         plan = None
         if self.anchors == "region":
-            counts, bound = self.memory_bank.class_counts(self.samples_per_class)
+            counts, bound = (None, None) if uniform else bank.class_counts(self.samples_per_class)
             plan = plan_region_contrast(regions.classes, memory, memory_classes,
-                                        class_counts=counts, max_count=bound)
+                                        class_counts=counts, max_count=bound,
+                                        rows_per_class=uniform)
         return _Prepared(labels, regions, memory, memory_classes, plan)
 
     def _contrast(self, embedding, logits, targets, prepared=None):

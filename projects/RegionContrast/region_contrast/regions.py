@@ -77,7 +77,6 @@ def region_pixel_index(
 class Regions(NamedTuple):
     """The regions of a label map (:func:`find_regions`), ready to pool any feature map with."""
 
-    region_id: torch.Tensor  # (N*H*W,) region of each pixel in (n, h, w) order, -1 if ignored
     classes: torch.Tensor  # (R,) class of each region
     image_index: torch.Tensor  # (R,) image of each region; rows ordered by image, then class
     first: torch.Tensor  # (N,) id of each image's first region
@@ -86,6 +85,13 @@ class Regions(NamedTuple):
     shape: Tuple[int, int, int]  # (N, H, W) of the labels
     slot: torch.Tensor  # (N, H*W) position of each pixel's region among its image's, K if none
     size: torch.Tensor  # (R,) pixels of each region
+
+    @property
+    def region_id(self) -> torch.Tensor:
+        """(N*H*W,) region of each pixel in (n, h, w) order, -1 if ignored (made on demand: only
+        pixel anchors and dynamic samples need it)."""
+        inside = self.slot < self.width
+        return torch.where(inside, self.slot + self.first.unsqueeze(1), -1).view(-1)
 
 
 def invalid_labels(labels: torch.Tensor, num_classes: int, ignore_value: int) -> torch.Tensor:
@@ -141,12 +147,10 @@ def find_regions(labels: torch.Tensor, num_classes: int, ignore_value: int = 255
     # Bin -> position among the image's regions (K for the other bins), and -> region id (-1).
     local = torch.cumsum(present, dim=1) - 1
     slot = torch.take(F.pad(local, (1, 2), value=k), key)
-    region_id = torch.take(F.pad(local + first.view(n, 1), (1, 2), value=-1), key)
     # (image, class) of each region, in order; the count is known, so no second read back.
     index = torch.nonzero_static(present.view(-1), size=sum(per_image)).view(-1)
     image_index = torch.div(index, c, rounding_mode="floor")
     return Regions(
-        region_id.view(-1),
         index - image_index * c,
         image_index,
         first,
