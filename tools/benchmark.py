@@ -923,12 +923,12 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
         # As the meta-architecture's eager path runs it: the regions and the loss's plan first
         # (one host read, in find_regions), then pooling, projection and loss, which read none.
         regions = find_regions(labels, num_classes)
-        if memory is None:
-            # No copy: the loss is done with the bank before the push.
-            memory = bank.sample(samples_per_class, copy=False)
-        counts, bound = bank.class_counts(samples_per_class)
+        # No copy: the loss is done with the bank before the push.
+        read = bank.read(samples_per_class, copy=False) if memory is None else memory
+        counts, bound = bank.class_counts(samples_per_class) if read[2] is None else (None, None)
+        memory = read[:2]
         plan = plan_region_contrast(regions.classes, memory[0], memory[1], class_counts=counts,
-                                    max_count=bound)
+                                    max_count=bound, rows_per_class=read[2])
         emb = project(projector, pool_regions(features, regions))
         loss = region_contrast_loss(emb, regions.classes, memory[0], memory[1], t, plan=plan,
                                     max_dot=MAX_DOT)
@@ -958,7 +958,7 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
     # Agreement: the same memory, features and projector; loss and gradients. These two passes
     # (forward + backward, no bank read or push) are also the memory measurement and the
     # warm-up of the timing below.
-    memory = bank.sample(samples_per_class)
+    memory = bank.read(samples_per_class)
     got = {}
 
     def agreement_pass(which, loss_fn):
