@@ -420,3 +420,26 @@ def test_cuda_graphs_follow_the_model_to_new_memory():
     model.to("cpu").to("cuda")
     losses, _ = train_step(model, make_batch(1), it=201)
     assert model._graphed._where != before and float(losses["loss_contrast"]) > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_pooling_of_half_precision_features_is_that_of_their_float32_copy(dtype):
+    """Half inputs with float32 sums (a tensor-core matmul): the upcast features' sums."""
+    from region_contrast import regions
+
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(2, 32, 48, 64, generator=g).to("cuda", dtype)
+    slot = torch.randint(0, 8, (2, 48 * 64), generator=g).cuda()  # 7 slots, 7 = none
+    grad = torch.randn(2 * 7, 32, generator=g).cuda()
+    got, wide = (features.clone().requires_grad_(), features.float().requires_grad_())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    sums, counts = regions.pool_slots(got, slot, 7)
+    sums_ref, counts_ref = regions.pool_slots(wide, slot, 7)
+    assert sums.dtype == counts.dtype == torch.float32 and torch.equal(counts, counts_ref)
+    # Exact products, float32 sums of ~440 values in another order.
+    torch.testing.assert_close(sums, sums_ref, rtol=1e-5, atol=1e-4)
+    (sums * grad).sum().backward()
+    (sums_ref * grad).sum().backward()
+    assert got.grad.dtype == dtype and torch.equal(got.grad, wide.grad.to(dtype))
+    print("half inputs pooled as they are:", regions._sums_in_half_inputs(features))

@@ -12,7 +12,7 @@ it queues the network's forward keeps the device busy: nothing after that waits 
 
 Pure tensor code: no config, no Detectron2, no I/O.
 """
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -198,18 +198,21 @@ def pool_regions(
 
 class _SlotSums(torch.autograd.Function):
     """
-    Per-image sums (N, D, K) of the features (N, D, P) over each slot's pixels. Forwards, one
-    batched matmul with the slots' 0/1 indicators (N, K, P); backwards, every pixel takes its
-    slot's gradient, which is a gather. The matmul's own backward would contract over the K
-    slots, an inner dimension of a few to a few hundred that runs far below matmul speed on
-    the CPU (3x slower than the gather at 8 images x 7 slots).
+    Per-image sums (N, D, K) of the features (N, D, P) over each slot's pixels, in ``dtype``.
+    Forwards, one batched matmul with the slots' 0/1 indicators (N, K, P); backwards, every
+    pixel takes its slot's gradient, which is a gather. The matmul's own backward would contract
+    over the K slots, an inner dimension of a few to a few hundred that runs far below matmul
+    speed on the CPU (3x slower than the gather at 8 images x 7 slots).
     """
 
     @staticmethod
-    def forward(ctx, flat, indicator, slot):
+    def forward(ctx, flat, indicator, slot, dtype):
         ctx.save_for_backward(slot)
+        ctx.in_dtype = flat.dtype
         # (D, P) @ (P, K): the features' own layout; the other way round copies them.
-        return torch.bmm(flat, indicator.transpose(1, 2))
+        if flat.dtype == dtype:
+            return torch.bmm(flat, indicator.transpose(1, 2))
+        return torch.bmm(flat, indicator.transpose(1, 2), out_dtype=dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -218,7 +221,31 @@ class _SlotSums(torch.autograd.Function):
         n, d, _ = grad.shape
         # Column K is the slot of no region: its pixels get 0.
         padded = F.pad(grad, (0, 1))
-        return torch.gather(padded, 2, slot.unsqueeze(1).expand(n, d, slot.shape[1])), None, None
+        grad_flat = torch.gather(padded, 2, slot.unsqueeze(1).expand(n, d, slot.shape[1]))
+        return grad_flat.to(ctx.in_dtype), None, None, None
+
+
+_HALF_BMM_TO_FLOAT: Dict[torch.device, bool] = {}
+
+
+def _sums_in_half_inputs(features: torch.Tensor) -> bool:
+    """
+    Whether to pool half-precision CUDA features as they are, with float32 sums: products with
+    0/1 indicators are exact and the tensor cores accumulate in float32, so the sums are those
+    of the upcast features, from a matmul several times faster (float32 matmuls run without
+    TF32 by default). Needs ``torch.bmm(..., out_dtype=)`` (recent PyTorch), probed once.
+    """
+    if not (features.is_cuda and features.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    ok = _HALF_BMM_TO_FLOAT.get(features.device)
+    if ok is None:
+        probe = torch.zeros(1, 1, 1, dtype=features.dtype, device=features.device)
+        try:
+            ok = torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            ok = False
+        _HALF_BMM_TO_FLOAT[features.device] = ok
+    return ok
 
 
 def pool_slots(
@@ -235,14 +262,17 @@ def pool_slots(
     of the features) and, unlike a scatter of every pixel row, runs at matmul speed.
     """
     n, d = features.shape[:2]
-    flat = features.to(_accumulation_dtype(features.dtype)).reshape(n, d, -1)
+    dtype = _accumulation_dtype(features.dtype)
+    if not _sums_in_half_inputs(features):
+        features = features.to(dtype)
+    flat = features.reshape(n, d, -1)
     # Column K collects the pixels of no slot; it is dropped.
     indicator = flat.new_zeros(n, width + 1, flat.shape[2]).scatter_(1, slot.unsqueeze(1), 1.0)
     indicator = indicator[:, :width]
     # Sums in the accumulation dtype, also under autocast (which would run bmm in half).
     with torch.autocast(device_type=flat.device.type, enabled=False):
-        sums = _SlotSums.apply(flat, indicator, slot).transpose(1, 2).reshape(n * width, d)
-    counts = indicator.sum(dim=2).reshape(n * width) if with_counts else None
+        sums = _SlotSums.apply(flat, indicator, slot, dtype).transpose(1, 2).reshape(n * width, d)
+    counts = indicator.sum(dim=2, dtype=dtype).reshape(n * width) if with_counts else None
     return sums, counts
 
 
