@@ -1294,15 +1294,17 @@ def main(argv=None):
             ("DigitScenes", digit_cfg, digit_src, digit_crop, digit_batch, digit_scenes_batch,
              False, 2, reps or 30, reps or 20),
             ("Cityscapes", city_cfg, city_src, city_crop, city_batch, street_batch, cuda,
-             2 if cuda else 1, reps or (10 if cuda else 4), reps or (10 if cuda else 2)),
+             2 if cuda else 1, reps or (20 if cuda else 4), reps or (10 if cuda else 2)),
         ]
     report["train_step"], report["inference"] = [], []
     for (name, cfg, src, crop, batch, maker, amp, warm, rep, irep) in plans:
         load_samples.append(load_sample(started, "part1+2 " + str(name)))
         print(f"[{time.time() - started:6.1f}s] part 1+2: {name} {batch} x {crop} ...",
               flush=True)
-        # The DigitScenes ratio is a target within a few percent: measured in several blocks.
-        blocks = 6 if name == "DigitScenes" and not quick else 1
+        # The targets within a few percent (DigitScenes; Cityscapes on a GPU, whose pairs
+        # scatter by +-30% on a shared machine) are measured in several blocks.
+        targeted = name == "DigitScenes" or (cuda and name == "Cityscapes")
+        blocks = 6 if targeted and not quick else 1
         train, infer = bench_recipe_blocks(blocks, name, cfg, src, device, crop=crop,
                                            batch_size=batch, make_batch=maker, amp=amp,
                                            warmup=warm, repeats=rep, infer_repeats=irep,
@@ -1386,7 +1388,7 @@ def main(argv=None):
                   flush=True)
             train, infer = bench_recipe(name, cfg, src, device, crop=crop, batch_size=batch,
                                         make_batch=street_batch, amp=True, warmup=1 if quick else 3,
-                                        repeats=reps or (2 if quick else 10),
+                                        repeats=reps or (2 if quick else 20),
                                         infer_repeats=reps or (2 if quick else 10), seed=args.seed)
             gpu["recipes"].append(train)
             report["inference"].append(infer)
@@ -1398,7 +1400,7 @@ def main(argv=None):
         gpu["cityscapes_without_cuda_graphs"] = bench_recipe(
             "Cityscapes", city_cfg, city_src, device, crop=city_train["crop"],
             batch_size=city_train["batch"], make_batch=street_batch, amp=True,
-            warmup=1 if quick else 3, repeats=reps or (2 if quick else 10), infer_repeats=0,
+            warmup=1 if quick else 3, repeats=reps or (2 if quick else 20), infer_repeats=0,
             seed=args.seed, train_only=True,
             rc_opts=["MODEL.REGION_CONTRAST.CUDA_GRAPHS", False])
         report["gpu"] = gpu
@@ -1440,6 +1442,7 @@ def main(argv=None):
     if cuda:
         report["targets"]["gpu_cityscapes_train_ratio<=1.03"] = {
             "value": round(city_train["ratio_median"], 4),
+            "interval_95": city_train.get("ratio_interval_95"),
             "met": city_train["ratio_median"] <= 1.03}
     load_after = load_average()
     # The run itself adds up to `threads` to the load average measured after it.
