@@ -81,8 +81,8 @@ def plan_region_contrast(
     class), the plan reads nothing back: spans are padded to that width.
 
     ``rows_per_class`` says more: the memory is grouped by class in ascending order and every
-    class has exactly that many rows (a full bank, the steady state; the bank's
-    ``rows_per_class``), and the anchors' classes are below ``M / rows_per_class``. The plan
+    class has exactly that many rows (a full bank, the steady state: the third value of the
+    bank's ``read``), and the anchors' classes are below ``M / rows_per_class``. The plan
     then reads nothing back and needs no padding.
     """
     device = memory.device
