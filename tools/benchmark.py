@@ -924,11 +924,11 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
         # (one host read, in find_regions), then pooling, projection and loss, which read none.
         regions = find_regions(labels, num_classes)
         # No copy: the loss is done with the bank before the push.
-        read = bank.read(samples_per_class, copy=False) if memory is None else memory
-        counts, bound = bank.class_counts(samples_per_class) if read[2] is None else (None, None)
-        memory = read[:2]
+        if memory is None:
+            memory = bank.read(samples_per_class, copy=False)
+        counts, bound = bank.class_counts(samples_per_class)
         plan = plan_region_contrast(regions.classes, memory[0], memory[1], class_counts=counts,
-                                    max_count=bound, rows_per_class=read[2])
+                                    max_count=bound, rows_per_class=memory[2])
         emb = project(projector, pool_regions(features, regions))
         loss = region_contrast_loss(emb, regions.classes, memory[0], memory[1], t, plan=plan,
                                     max_dot=MAX_DOT)

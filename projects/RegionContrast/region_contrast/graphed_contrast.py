@@ -52,13 +52,14 @@ class DenseRegionContrast(nn.Module):
     Region-anchor contrast of ground-truth regions in fixed shapes:
     ``forward(embedding, labels)`` returns (loss, statistics, rows, present), where
 
-    - ``embedding`` (N, D, H, W) float32 are the features to pool (differentiable) and
-      ``labels`` (N, H, W) long the labels at their resolution;
+    - ``embedding`` (N, D, H, W) are the features to pool (differentiable; half precision
+      from autocast is pooled into float32 sums) and ``labels`` (N, H, W) long the labels at
+      their resolution;
     - ``loss`` equals ``region_contrast_loss`` of the region centres against
       ``bank.sample(samples_per_class)``;
     - ``statistics`` (len(STATISTICS),) float32: mean positive and negative cosine, filled bank
-      slots before the step's push, the count and range of labels that are neither a class nor ignored,
-      and 1 if the rows were pushed;
+      slots before the step's push, the count and range of labels that are neither a class
+      nor ignored, and 1 if the rows were pushed;
     - ``rows`` (N * C, out_dim) are every (image, class) slot's projected centre, detached, and
       ``present`` (N * C,) says which slots are regions.
 
@@ -133,8 +134,9 @@ class DenseRegionContrast(nn.Module):
 
 class GraphedRegionContrast:
     """
-    :class:`DenseRegionContrast` captured as CUDA graphs, one capture per input shape; call it
-    like its ``forward``, plus ``push`` (the module's argument). On the CPU, or when gradients are off, it runs the module directly.
+    :class:`DenseRegionContrast` captured as CUDA graphs, one capture per input shape and
+    dtype; call it like its ``forward``, plus ``push`` (the module's argument). On the CPU, or
+    when gradients are off, it runs the module directly.
     Captures are dropped and redone when the projection head or the bank moves to new memory
     (``.to()``); past ``max_graphs`` distinct shapes (inputs whose size changes every step) it
     runs eagerly and says so once.

@@ -83,7 +83,8 @@ def plan_region_contrast(
     ``rows_per_class`` says more: the memory is grouped by class in ascending order and every
     class has exactly that many rows (a full bank, the steady state: the third value of the
     bank's ``read``), and the anchors' classes are below ``M / rows_per_class``. The plan
-    then reads nothing back and needs no padding.
+    then reads nothing back and needs no padding; ``class_counts`` and ``max_count`` are
+    not used.
     """
     device = memory.device
     anchor_classes = anchor_classes.to(device=device, dtype=torch.long)

@@ -235,14 +235,17 @@ class RegionMemoryBank(nn.Module):
                 f"{self.dtype}); nothing was pushed"
             )
 
+    def sample_width(self, per_class: int = 0) -> int:
+        """Slots per class that ``sample(per_class)`` draws from: ``per_class``, or all of them."""
+        return per_class if 0 < per_class < self.size else self.size
+
     def class_counts(self, per_class: int = 0) -> Tuple[torch.Tensor, int]:
         """
         (num_classes,) rows of each class that ``sample(per_class)`` returns, on the device, and
-        a bound on them known on the host (slots per class, or ``per_class``).
+        a bound on them known on the host (:meth:`sample_width`).
         """
-        if per_class <= 0 or per_class >= self.size:
-            return self.count, self.size
-        return self.count.clamp(max=per_class), per_class
+        width = self.sample_width(per_class)
+        return (self.count if width == self.size else self.count.clamp(max=width)), width
 
     def _filled(self) -> torch.Tensor:
         slots = torch.arange(self.size, device=self.count.device)
@@ -290,7 +293,7 @@ class RegionMemoryBank(nn.Module):
         every class gives when it is the same for all (a full bank, the steady state), else
         None; with one host read, whether the bank is that full.
         """
-        width = per_class if 0 < per_class < self.size else self.size
+        width = self.sample_width(per_class)
         flat = self.features.view(-1, self.dim)
         uniform = bool((self.count >= width).all())
         if width == self.size:
@@ -328,7 +331,7 @@ class RegionMemoryBank(nn.Module):
                 come first. :meth:`sample` returns exactly the filled rows.
         """
         filled = self._filled()
-        if per_class <= 0 or per_class >= self.size:
+        if self.sample_width(per_class) == self.size:
             return self.features.view(-1, self.dim).to(self._output_dtype()), filled
         keys = torch.rand(
             self.num_classes, self.size, generator=generator, device=self.features.device

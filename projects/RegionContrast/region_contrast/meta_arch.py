@@ -420,8 +420,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
 
     def _runs_graphed(self, num_images):
         """Whether this step's contrast runs as CUDA graphs (the fixed-shape contrast)."""
-        bank = self.memory_bank
-        rows = self.samples_per_class if 0 < self.samples_per_class < bank.size else bank.size
+        rows = self.memory_bank.sample_width(self.samples_per_class)
         return (self.cuda_graphs and self.device.type == "cuda" and torch.is_grad_enabled()
                 and self.anchors == "region" and self.region_source == "gt"
                 and self.dynamic_samples == 0
@@ -449,7 +448,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
         memory, memory_classes, uniform = bank.read(self.samples_per_class, copy=False)
         plan = None
         if self.anchors == "region":
-            counts, bound = (None, None) if uniform else bank.class_counts(self.samples_per_class)
+            counts, bound = bank.class_counts(self.samples_per_class)
             plan = plan_region_contrast(regions.classes, memory, memory_classes,
                                         class_counts=counts, max_count=bound,
                                         rows_per_class=uniform)
