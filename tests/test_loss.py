@@ -56,12 +56,16 @@ def reference_loss_and_grad(anchors, *args):
     return loss.detach(), anchors.grad
 
 
+@pytest.mark.parametrize("products", ["default", "oneDNN"])
 @pytest.mark.parametrize("max_dot", [None, 1.0])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("temperature", [0.02, 0.05, 0.1, 0.5, 1.0])
-def test_matches_reference(seed, temperature, max_dot):
+def test_matches_reference(seed, temperature, max_dot, products, monkeypatch):
     # Anchor classes include a class (4) that the bank never holds: such anchors are skipped.
     # max_dot 1 (unit vectors) takes e^l without a shift, except at t = 0.02 (2 / t > 80).
+    # "oneDNN": the CPU products take the oneDNN matmul at any size (by default only large ones).
+    if products == "oneDNN":
+        monkeypatch.setattr("region_contrast.loss._ONEDNN_MIN_MACS", 0)
     anchors, anchor_classes, memory, memory_classes = make_case(seed)
     loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, temperature,
                                max_dot=max_dot)
@@ -418,3 +422,40 @@ def test_uniform_plan_of_a_full_bank_equals_the_general_plan(per_class, max_dot)
                                          f"memory's {5 * width - 1} rows"):
         plan_region_contrast(anchor_classes, memory[:-1], memory_classes[:-1],
                              rows_per_class=width)
+
+
+def test_large_cpu_products_go_through_onednn_and_equal_float64():
+    """At the sizes of a training step the loss's two products run on oneDNN (where PyTorch has
+    it), and agree with float64 products; the float32 loss agrees with the float64 one."""
+    from region_contrast import loss as loss_module
+    from region_contrast.loss import _matmul_nt, _onednn_linear, plan_region_contrast
+
+    if torch.backends.mkldnn.is_available():
+        # A PyTorch upgrade that drops the op would silently fall back to torch.mm.
+        assert _onednn_linear() is not None
+    g = torch.Generator().manual_seed(5)
+    num_classes, per_class, dim = 10, 300, 64
+    memory = unit(g, num_classes * per_class, dim)
+    memory_classes = torch.arange(num_classes).repeat_interleave(per_class)
+    anchors = unit(g, 40, dim)
+    assert anchors.shape[0] * memory.shape[0] * dim >= loss_module._ONEDNN_MIN_MACS
+    logits = _matmul_nt(anchors, memory)
+    torch.testing.assert_close(logits.double(), anchors.double() @ memory.double().t(),
+                               rtol=0, atol=1e-6)
+    back = torch.randn(40, memory.shape[0], generator=g)
+    torch.testing.assert_close(_matmul_nt(back, memory.t()).double(),
+                               back.double() @ memory.double(), rtol=1e-5, atol=1e-5)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert _onednn_linear() is None
+        assert torch.equal(_matmul_nt(anchors, memory), anchors @ memory.t())
+
+    anchor_classes = torch.randint(0, num_classes, (40,), generator=g)
+    plan = plan_region_contrast(anchor_classes, memory, memory_classes, rows_per_class=per_class)
+    loss, grad = loss_and_grad(anchors, anchor_classes, memory, memory_classes, 0.1, plan=plan,
+                               max_dot=1.01)
+    plan64 = plan_region_contrast(anchor_classes, memory.double(), memory_classes,
+                                  rows_per_class=per_class)
+    loss64, grad64 = loss_and_grad(anchors.double(), anchor_classes, memory.double(),
+                                   memory_classes, 0.1, plan=plan64)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-7)

@@ -180,6 +180,45 @@ def plan_padded_contrast(
                         ~filled.reshape(-1), anchor_valid.to(dtype))
 
 
+# The CPU's float32 products of the loss (anchors x memory rows, and back) go to oneDNN's matmul
+# when they have at least this many multiply-adds: on the 2-core AMD EPYC of tools/benchmark.py
+# it ran them 1.6-2.7x faster than torch.mm (MKL); below about 2^20 its fixed cost made it slower.
+_ONEDNN_MIN_MACS = 2**20
+_ONEDNN_LINEAR = {}  # "op": the op, or None where this PyTorch has none that works (probed once)
+
+
+def _onednn_linear():
+    """
+    PyTorch's oneDNN linear on dense tensors (``torch.ops.mkldnn._linear_pointwise``, what its
+    compiler emits for linear layers on the CPU), or None where the build lacks it, oneDNN is
+    switched off (``torch.backends.mkldnn``), or it disagrees with ``torch.mm`` on a probe.
+    """
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return None
+    if "op" not in _ONEDNN_LINEAR:
+        op = None
+        try:
+            candidate = torch.ops.mkldnn._linear_pointwise
+            x = torch.arange(6.0).view(2, 3)
+            w = torch.arange(12.0).view(4, 3).sub_(5.0)
+            if torch.equal(candidate(x, w, None, "none", [], ""), x @ w.t()):
+                op = candidate
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+        _ONEDNN_LINEAR["op"] = op
+    return _ONEDNN_LINEAR["op"]
+
+
+def _matmul_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.t()`` for x (A, K) and w (N, K), any strides: through oneDNN where it is faster."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.shape[0] * w.shape[0] * x.shape[1] >= _ONEDNN_MIN_MACS):
+        op = _onednn_linear()
+        if op is not None:
+            return op(x, w, None, "none", [], "")
+    return x @ w.t()
+
+
 _SOFTPLUS_TAIL = 40.0  # past it, log(1 + e^x) = x to within e^-40 / 40: below float64's epsilon
 
 # The largest 2 * max|logit| + ln(memory rows) at which the loss takes e^l without a shift:
@@ -220,7 +259,7 @@ def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad, 
 
     Returns (weighted sum of the terms, sum of positive logits, sum of all logits, grad).
     """
-    logits = scaled @ memory.t()
+    logits = _matmul_nt(scaled, memory)
     if excluded is not None:
         logits.masked_fill_(excluded, 0.0)
     logit_sum = logits.sum() if anchor_mask is None else logits.sum(dim=1) @ anchor_mask
@@ -267,7 +306,7 @@ def _chunk(scaled, cols, pad, weight, anchor_mask, memory, excluded, with_grad, 
     grad_logits = neg.mul_(neg_scale.unsqueeze(1))
     # Positive columns hold 0; padding entries add 0 to a positive column.
     grad_logits.scatter_add_(1, cols, pos_weight.neg_())
-    return loss_sum, pos_sum, logit_sum, grad_logits @ memory
+    return loss_sum, pos_sum, logit_sum, _matmul_nt(grad_logits, memory.t())
 
 
 class _RegionContrastLoss(torch.autograd.Function):
