@@ -345,12 +345,15 @@ class _RegionContrastLoss(torch.autograd.Function):
         if with_grad:
             ctx.save_for_backward(grad.div_(temperature))  # d scaled / d anchors = 1 / t
         ctx.mark_non_differentiable(plan.num_valid, cosines)
+        # The statistics get no gradient: no zeros made for them in the backward.
+        ctx.set_materialize_grads(False)
         return loss, plan.num_valid, cosines
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_num_valid, _grad_stats):
-        if not ctx.needs_input_grad[0]:
+        # grad_loss is None when only the statistics were differentiated (no gradient).
+        if not ctx.needs_input_grad[0] or grad_loss is None:
             return None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
         return grad * grad_loss, None, None, None, None, None
