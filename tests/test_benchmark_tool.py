@@ -89,6 +89,13 @@ def test_contrast_fast_matches_naive(report):
         assert c["percent_of_cityscapes_step_scaled"] > 0
     assert r["targets"]["contrast_fast_naive_agree"]["met"] is True
     assert r["targets"]["inference_outputs_identical"]["met"] is True
+    # The loss's products as the loss runs them (oneDNN where PyTorch has it) vs torch.mm.
+    products = r["contrast"]["loss_products"]
+    assert [p["case"] for p in products] == ["DigitScenes step", "part 3, 19 classes"]
+    for p in products:
+        assert _stats_ok(p["loss_s"]) and _stats_ok(p["torch_mm_s"]) and p["speedup_median"] > 0
+        assert p["onednn"] is torch.backends.mkldnn.is_available()
+        assert p["max_abs_difference"] < 1e-2  # sums of thousands of N(0, 1) products
 
 
 def test_memory_table_covers_the_recipes(report):

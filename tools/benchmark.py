@@ -1044,6 +1044,43 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
     return result
 
 
+def bench_loss_products(shapes, repeats, seed):
+    """
+    The loss's two float32 products on the CPU (anchors x memory rows, and the gradient's way
+    back), as ``region_contrast.loss`` runs them (oneDNN from ``_ONEDNN_MIN_MACS``) against
+    ``torch.mm``, interleaved; with the largest difference between the two results.
+    """
+    from region_contrast import loss as loss_module
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for name, (anchors, memory_rows, dim) in shapes:
+        a = torch.randn(anchors, dim, generator=g)
+        memory = torch.randn(memory_rows, dim, generator=g)
+        grad = torch.randn(anchors, memory_rows, generator=g)
+
+        def ours():
+            loss_module._matmul_nt(a, memory)
+            loss_module._matmul_nt(grad, memory.t())
+
+        def plain():
+            torch.mm(a, memory.t())
+            torch.mm(grad, memory)
+
+        t_ours, t_plain = interleave(ours, plain, 2, repeats, torch.device("cpu"))
+        diff = max(float((loss_module._matmul_nt(a, memory) - a @ memory.t()).abs().max()),
+                   float((loss_module._matmul_nt(grad, memory.t()) - grad @ memory).abs().max()))
+        rows.append({
+            "case": name, "anchors": anchors, "memory_rows": memory_rows, "dim": dim,
+            "onednn": loss_module._onednn_linear() is not None
+            and anchors * memory_rows * dim >= loss_module._ONEDNN_MIN_MACS,
+            "loss_s": summarize(t_ours), "torch_mm_s": summarize(t_plain),
+            "speedup_median": statistics.median(b / a for a, b in zip(t_ours, t_plain)),
+            "max_abs_difference": diff,
+        })
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Part 4: bank bytes per recipe
 # ----------------------------------------------------------------------------------------------
@@ -1192,6 +1229,16 @@ def format_report(r):
         lines.append(f"   % step: fast time / Cityscapes baseline step of part 1 "
                      f"({_ms(ref['baseline_step_s'])} ms at {ref['feature_map']}) scaled to the "
                      f"case's feature pixels (x{ref['scale']:.1f}); unscaled in the JSON")
+    products = r["contrast"].get("loss_products")
+    if products:
+        lines.append("   the loss's two products (forward and gradient), as the loss runs them vs "
+                     "torch.mm [ms median]:")
+        for p in products:
+            lines.append(
+                f"   {p['case']:<20} {p['anchors']} x {p['memory_rows']} x {p['dim']:<4} "
+                f"{'oneDNN' if p['onednn'] else 'torch.mm':>8} {_ms(p['loss_s']['median']):>8} "
+                f"torch.mm {_ms(p['torch_mm_s']['median']):>8}  {p['speedup_median']:.2f}x  "
+                f"max |diff| {p['max_abs_difference']:.1e}")
     lines.append("")
     lines.append(f"4. bank memory (MiB) vs a pixel memory of {PIXELS_PER_CLASS} px/class")
     lines.append(f"{'recipe':<72} {'C':>4} {'size':>6} {'D':>4} {'fp32':>8} {'fp16':>8} "
@@ -1364,6 +1411,21 @@ def main(argv=None):
                             "classes to read the bank, over anchor classes for the loss, over rows "
                             "to push (the authors' approach, kept in tools/benchmark.py)"),
     }
+
+    if not cuda:
+        digit_rc = digit_cfg.MODEL.REGION_CONTRAST
+        digit_rows = digit_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES * digit_rc.MEMORY_SIZE
+        product_shapes = [
+            # A DigitScenes step: about 40 regions against the whole bank (11 x 1000 x 64).
+            ("DigitScenes step", (40, digit_rows, digit_rc.PROJ_DIM)),
+            # Part 3's 19-class case: 16 images x 20 regions, 256 slots of 19 classes, D 256.
+            ("part 3, 19 classes", (sizes["images"] * sizes["regions_per_image"], 19 * 256,
+                                    sizes["dim"])),
+        ]
+        load_samples.append(load_sample(started, "part3 loss products"))
+        print(f"[{time.time() - started:6.1f}s] part 3: the loss's products ...", flush=True)
+        report["contrast"]["loss_products"] = bench_loss_products(
+            product_shapes, reps or (4 if quick else 20), args.seed)
 
     # --- Part 4 ----------------------------------------------------------------------------
     extra = []
