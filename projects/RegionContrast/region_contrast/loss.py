@@ -181,8 +181,9 @@ def plan_padded_contrast(
 
 
 # The CPU's float32 products of the loss (anchors x memory rows, and back) go to oneDNN's matmul
-# when they have at least this many multiply-adds: on the 2-core AMD EPYC of tools/benchmark.py
-# it ran them 1.6-2.7x faster than torch.mm (MKL); below about 2^20 its fixed cost made it slower.
+# when they have at least this many multiply-adds: on the 2-core AMD EPYC of the README it runs
+# them about 2x faster than torch.mm (MKL) (tools/benchmark.py, part 3's products); smaller ones
+# stay on torch.mm, where oneDNN's cost per call outweighs its speed.
 _ONEDNN_MIN_MACS = 2**20
 _ONEDNN_LINEAR = {}  # "op": the op, or None where this PyTorch has none that works (probed once)
 
