@@ -112,20 +112,29 @@ def plan_region_contrast(
             num_pos = torch.where(classes[at] == anchor_classes, counts[at], 0)
             start = first[at]
     valid = (num_pos > 0) & (num_pos < num_memory)
-    num_valid = valid.sum()
     if class_counts is not None and max_count is not None:
         width = max_count if num_pos.numel() else 0
     else:
         width = int(num_pos.max()) if num_pos.numel() else 0
-    offsets = torch.arange(width, device=device)
+    cols, pad, weight, num_valid = _spans(start, num_pos, valid, width, dtype)
+    num_pairs = num_pos.sum()
+    pair_counts = torch.stack([num_pairs, anchor_classes.numel() * num_memory - num_pairs])
+    return ContrastPlan(memory, cols, pad, weight, num_valid, pair_counts.to(dtype))
+
+
+def _spans(start, num_pos, valid, width, dtype):
+    """
+    Each anchor's positives as ``width`` columns from ``start``, of which the first ``num_pos``
+    are real, and its share of the mean loss: (cols, pad, weight, num_valid) of the plan.
+    """
+    num_valid = valid.sum()
+    offsets = torch.arange(width, device=start.device)
     pad = offsets >= num_pos.unsqueeze(1)
     # Padding repeats the span's first column, a positive for a valid row, so the loss's writes
     # through `cols` touch only positive columns of valid rows (an invalid row is weighted 0).
     cols = start.unsqueeze(1) + offsets.masked_fill(pad, 0)
     weight = valid.to(dtype) / (num_pos.clamp(min=1) * num_valid.clamp(min=1))
-    num_pairs = num_pos.sum()
-    pair_counts = torch.stack([num_pairs, anchor_classes.numel() * num_memory - num_pairs])
-    return ContrastPlan(memory, cols, pad, weight, num_valid, pair_counts.to(dtype))
+    return cols, pad, weight, num_valid
 
 
 def _uniform_plan(anchor_classes, memory, width, dtype):
@@ -168,12 +177,8 @@ def plan_padded_contrast(
     num_pos = torch.where(anchor_valid, counts[anchor_classes], 0)
     total = counts.sum()
     valid = anchor_valid & (num_pos > 0) & (num_pos < total)
-    num_valid = valid.sum()
-    offsets = torch.arange(width, device=device)
-    pad = offsets >= num_pos.unsqueeze(1)
-    cols = (anchor_classes * width).unsqueeze(1) + offsets.masked_fill(pad, 0)
     dtype = torch.float64 if memory.dtype == torch.float64 else torch.float32
-    weight = valid.to(dtype) / (num_pos.clamp(min=1) * num_valid.clamp(min=1))
+    cols, pad, weight, num_valid = _spans(anchor_classes * width, num_pos, valid, width, dtype)
     num_pairs = num_pos.sum()
     pair_counts = torch.stack([num_pairs, anchor_valid.sum() * total - num_pairs])
     return ContrastPlan(memory, cols, pad, weight, num_valid, pair_counts.to(dtype),
