@@ -1047,7 +1047,7 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
 def bench_loss_products(shapes, repeats, seed):
     """
     The loss's two float32 products on the CPU (anchors x memory rows, and the gradient's way
-    back), as ``region_contrast.loss`` runs them (oneDNN from ``_ONEDNN_MIN_MACS``) against
+    back), as ``region_contrast.loss`` runs them (oneDNN where ``_onednn_for`` says) against
     ``torch.mm``, interleaved; with the largest difference between the two results.
     """
     from region_contrast import loss as loss_module
@@ -1072,8 +1072,7 @@ def bench_loss_products(shapes, repeats, seed):
                    float((loss_module._matmul_nt(grad, memory.t()) - grad @ memory).abs().max()))
         rows.append({
             "case": name, "anchors": anchors, "memory_rows": memory_rows, "dim": dim,
-            "onednn": loss_module._onednn_linear() is not None
-            and anchors * memory_rows * dim >= loss_module._ONEDNN_MIN_MACS,
+            "onednn": loss_module._onednn_for(a, memory) is not None,
             "loss_s": summarize(t_ours), "torch_mm_s": summarize(t_plain),
             "speedup_median": statistics.median(p / o for o, p in zip(t_ours, t_plain)),
             "max_abs_difference": diff,

@@ -215,14 +215,18 @@ def _onednn_linear():
     return _ONEDNN_LINEAR["op"]
 
 
-def _matmul_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.t()`` for x (A, K) and w (N, K), any strides: through oneDNN where it is faster."""
+def _onednn_for(x: torch.Tensor, w: torch.Tensor):
+    """The oneDNN op that :func:`_matmul_nt` runs ``x @ w.t()`` with, or None (``torch.mm``)."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
             and x.shape[0] * w.shape[0] * x.shape[1] >= _ONEDNN_MIN_MACS):
-        op = _onednn_linear()
-        if op is not None:
-            return op(x, w, None, "none", [], "")
-    return x @ w.t()
+        return _onednn_linear()
+    return None
+
+
+def _matmul_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.t()`` for x (A, K) and w (N, K), any strides: through oneDNN where it is faster."""
+    op = _onednn_for(x, w)
+    return x @ w.t() if op is None else op(x, w, None, "none", [], "")
 
 
 _SOFTPLUS_TAIL = 40.0  # past it, log(1 + e^x) = x to within e^-40 / 40: below float64's epsilon
