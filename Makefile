@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Re-install only when the pins or the installer change.
+# Re-install only when the requirements, the pins or the installer change.
 STAMP := $(VENV)/.region_contrast-installed
 DEMO_CONFIG ?= configs/DigitScenes/deeplab_v3_plus_R_18_os32_region_contrast_digit_scenes_1500_bs8.yaml
 PYTEST_ARGS ?=
@@ -13,8 +13,8 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml tools/install_detectron2.py | $(PY)
-	$(PY) -m pip install --disable-pip-version-check -e ".[test]"
+$(STAMP): pyproject.toml constraints.txt tools/install_detectron2.py | $(PY)
+	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e ".[test]"
 	$(PY) tools/install_detectron2.py
 	touch $@
 

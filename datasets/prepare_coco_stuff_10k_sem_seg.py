@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """
-Writes coco/coco_stuff_10k/{images,annotations}_detectron2 (171 classes) from COCO-Stuff-10k v1.1.
+Writes coco/coco_stuff_10k/{images,annotations}_detectron2 (171 classes) from COCO-Stuff-10k
+(v1.1 or v1.0).
 
     python datasets/prepare_coco_stuff_10k_sem_seg.py [--workers N] [--no-progress]
 

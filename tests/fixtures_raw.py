@@ -70,12 +70,28 @@ def coco_stuff_164k_reference(raw):
     return out
 
 
-def coco_stuff_10k_reference(s):
+def coco_stuff_10k_reference(s, release="v1.1"):
     table = coco_stuff_raw_reference_table()
     out = np.empty(s.shape, dtype=np.uint8)
     for (y, x), v in np.ndenumerate(s):
-        out[y, x] = 255 if v == 0 else table[int(v) - 1]
+        if release == "v1.0":  # 0, 1 unlabeled; 2..172 the contiguous classes + 2
+            out[y, x] = 255 if v <= 1 else int(v) - 2
+        else:
+            out[y, x] = 255 if v == 0 else table[int(v) - 1]
     return out
+
+
+def write_matlab_v73(path, arrays):
+    """A MATLAB 7.3 file as MATLAB writes it: HDF5 after a 512-byte text header, arrays in
+    column-major order (h5py sees each one transposed)."""
+    import h5py
+
+    with h5py.File(path, "w", userblock_size=512) as f:
+        for key, value in arrays.items():
+            f.create_dataset(key, data=np.asarray(value).T)
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: fixture HDF5 schema 1.00 ."
+    with open(path, "r+b") as f:
+        f.write(header.ljust(512, b" "))
 
 
 def panoptic_stuffonly_reference(rgb, segments_info, categories):
@@ -241,8 +257,11 @@ def make_coco_stuff_164k(root, sizes):
     return {"sources": sources, "expected": expected}
 
 
-def make_coco_stuff_10k(root, counts=(("train", 3), ("test", 2))):
-    """coco/coco_stuff_10k/{images/*.jpg, annotations/*.mat (S), imageLists/{train,test}.txt}."""
+def make_coco_stuff_10k(root, counts=(("train", 3), ("test", 2)), release="v1.1"):
+    """
+    coco/coco_stuff_10k/{images/*.jpg, annotations/*.mat (S), imageLists/{train,test}.txt}, as
+    the v1.1 release (MATLAB 5 files) or the v1.0 release (MATLAB 7.3 files, other values).
+    """
     from scipy.io import savemat
 
     base = os.path.join(root, "coco", "coco_stuff_10k")
@@ -257,17 +276,23 @@ def make_coco_stuff_10k(root, counts=(("train", 3), ("test", 2))):
             h, w = 40 + 4 * i, 60
             image = os.path.join(base, "images", name + ".jpg")
             _write_jpg(image, h, w, rng)
-            s = rng.integers(0, 183, size=(h, w)).astype(np.uint16)
-            s[0, :4] = [0, 1, 182, 12]  # unlabeled, first and last id, an unused id
-            s[h // 2 :, w // 2 :] = 150
             mat = os.path.join(base, "annotations", name + ".mat")
             os.makedirs(os.path.dirname(mat), exist_ok=True)
-            savemat(mat, {"S": s, "names": np.array(["unlabeled", "person"], dtype=object),
-                          "captions": np.array(["a fixture"], dtype=object)})
+            if release == "v1.0":
+                s = rng.integers(0, 173, size=(h, w)).astype(np.uint16)
+                s[0, :4] = [0, 1, 2, 172]  # unlabeled twice, first and last class
+                s[h // 2 :, w // 2 :] = 150
+                write_matlab_v73(mat, {"S": s})
+            else:
+                s = rng.integers(0, 183, size=(h, w)).astype(np.uint16)
+                s[0, :4] = [0, 1, 182, 12]  # unlabeled, first and last id, an unused id
+                s[h // 2 :, w // 2 :] = 150
+                savemat(mat, {"S": s, "names": np.array(["unlabeled", "person"], dtype=object),
+                              "captions": np.array(["a fixture"], dtype=object)})
             sources += [image, mat]
             images[os.path.join(base, "images_detectron2", split, name + ".jpg")] = image
             expected[os.path.join(base, "annotations_detectron2", split, name + ".png")] = (
-                coco_stuff_10k_reference(s)
+                coco_stuff_10k_reference(s, release)
             )
         lst = os.path.join(base, "imageLists", f"{split}.txt")
         with open(lst, "w") as f:

@@ -24,6 +24,8 @@ from detectron2.engine import default_argument_parser
 from detectron2.evaluation import CityscapesSemSegEvaluator, SemSegEvaluator
 from region_contrast.data import ade20k, cityscapes, coco_panoptic, coco_stuff
 from region_contrast.data import prepare as P
+from region_contrast.compat import alias_cityscapes_api
+from region_contrast.evaluation import OfficialCityscapesSemSegEvaluator
 
 import fixtures_raw as fx
 
@@ -217,6 +219,27 @@ def test_temporary_names_are_invisible_to_loaders(raw):
             MetadataCatalog.remove(n)
 
 
+def test_coco_stuff_10k_v1_0_matlab_73_files_are_read(tmp_path, monkeypatch):
+    """The v1.0 release (MATLAB 7.3 = HDF5 files, other values) converts like v1.1 does."""
+    made = fx.make_coco_stuff_10k(str(tmp_path), counts=(("train", 2), ("test", 1)),
+                                  release="v1.0")
+    before = snapshot(made["sources"])
+    code, out, err = run_script_in_process("coco_stuff_10k", tmp_path, monkeypatch)
+    assert code == 0, err
+    check_outputs("coco_stuff_10k", made, out)
+    assert snapshot(made["sources"]) == before
+    # Both releases side by side in one folder are each read by their own format.
+    s, release = coco_stuff.read_coco_stuff_10k_mat(made["sources"][1])
+    assert release == "v1.0" and s.shape == read_png(next(iter(made["expected"]))).shape
+
+
+def test_coco_stuff_10k_mat_without_s_names_the_file(tmp_path):
+    path = str(tmp_path / "x.mat")
+    fx.write_matlab_v73(path, {"L": np.zeros((2, 3))})
+    with pytest.raises(P.InvalidLabelError, match=r"x\.mat: no variable 'S'.*\['L'\]"):
+        coco_stuff.read_coco_stuff_10k_mat(path)
+
+
 def test_invalid_source_value_is_refused(tmp_path, monkeypatch):
     made = fx.make_ade20k(str(tmp_path), counts=(("training", 1), ("validation", 1)))
     bad = [p for p in made["sources"] if "annotations" in p and "validation" in p][0]
@@ -325,8 +348,22 @@ def test_builtin_and_project_names_are_registered():
         meta = MetadataCatalog.get(name)
         assert len(meta.stuff_classes) == num, name
         assert meta.evaluator_type == evaluator_type and meta.ignore_label == 255, name
-    for name in ("coco_2017_train_stuff_164k_sem_seg", "coco_2017_test_stuff_10k_sem_seg"):
-        assert not hasattr(MetadataCatalog.get(name), "stuff_dataset_id_to_contiguous_id")
+    # The names other Detectron2 projects use for COCO-Stuff-164k: the same folders.
+    for alias, ours in (("coco_2017_train_stuff_sem_seg", "coco_2017_train_stuff_164k_sem_seg"),
+                        ("coco_2017_test_stuff_sem_seg", "coco_2017_val_stuff_164k_sem_seg")):
+        a, b = MetadataCatalog.get(alias), MetadataCatalog.get(ours)
+        assert (a.image_root, a.sem_seg_root) == (b.image_root, b.sem_seg_root), alias
+        assert a.stuff_classes == b.stuff_classes and a.evaluator_type == "sem_seg", alias
+    # Predictions are saved with the data set's own category ids: COCO ids for COCO-Stuff
+    # (1 person, 90 toothbrush, 92 banner, 182 wood), COCO panoptic ids for the 133 classes.
+    for name in ("coco_2017_train_stuff_164k_sem_seg", "coco_2017_test_stuff_10k_sem_seg",
+                 "coco_2017_test_stuff_sem_seg"):
+        ids = MetadataCatalog.get(name).stuff_dataset_id_to_contiguous_id
+        assert sorted(ids.values()) == list(range(171)), name
+        assert (ids[1], ids[90], ids[92], ids[182]) == (0, 79, 80, 170), name
+    ids = MetadataCatalog.get("coco_2017_val_panoptic_sem_seg").stuff_dataset_id_to_contiguous_id
+    assert sorted(ids.values()) == list(range(133))
+    assert (ids[1], ids[90], ids[92], ids[200]) == (0, 79, 80, 132)
 
 
 def test_coco_stuff_classes_are_the_official_ones():
@@ -437,7 +474,9 @@ def test_panoptic_133_class_maps_load(raw):
         for name in names:
             meta = MetadataCatalog.get(name)
             assert meta.stuff_classes == [c["name"] for c in COCO_CATEGORIES]
-            assert not hasattr(meta, "stuff_dataset_id_to_contiguous_id")
+            # Contiguous maps; predictions are saved with the panoptic category ids.
+            assert meta.stuff_dataset_id_to_contiguous_id == {
+                c["id"]: i for i, c in enumerate(COCO_CATEGORIES)}
             loaded += [d["sem_seg_file_name"] for d in DatasetCatalog.get(name)]
         assert sorted(loaded) == sorted(p for p in expected if "panoptic_semseg_" in p)
     finally:
@@ -500,7 +539,8 @@ def test_two_iterations_train_and_evaluate(registered, tmp_path, one_thread):
          "--eval-only", *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
     )
     results = train_net.main(args)
-    metrics = results["sem_seg"]
+    # On Cityscapes, "sem_seg" is the official evaluation's, as in Detectron2.
+    metrics = results["sem_seg_detectron2" if name == "cityscapes" else "sem_seg"]
     assert set(metrics) >= {"mIoU", "fwIoU", "mACC", "pACC"}
     assert 0 <= metrics["mIoU"] <= 100
     # SemSegEvaluator scored every class of the data set.
@@ -508,8 +548,7 @@ def test_two_iterations_train_and_evaluate(registered, tmp_path, one_thread):
     assert os.path.exists(tmp_path / "inference" / test / "sem_seg_evaluation.pth")
     if name == "cityscapes":
         # The official Cityscapes evaluation ran as well (on gtFine/val/*_gtFine_labelIds.png).
-        flat = {k for task in results.values() for k in task}
-        assert {"IoU", "iIoU", "IoU_sup", "iIoU_sup"} <= flat, results
+        assert set(results["sem_seg"]) == {"IoU", "iIoU", "IoU_sup", "iIoU_sup"}, results
 
 
 def test_official_cityscapes_evaluation_agrees_with_the_train_ids(raw, monkeypatch):
@@ -521,7 +560,9 @@ def test_official_cityscapes_evaluation_agrees_with_the_train_ids(raw, monkeypat
     """
     names = REGISTER["cityscapes"](str(raw["root"]), f"{PREFIX}_cs_eval")
     try:
-        evaluator = CityscapesSemSegEvaluator(names[1])
+        # Detectron2's evaluator, which on Detectron2 main needs the alias of cityscapesscripts.
+        evaluator = OfficialCityscapesSemSegEvaluator(names[1])
+        assert isinstance(evaluator, CityscapesSemSegEvaluator)
         evaluator.reset()
         for d in DatasetCatalog.get(names[1]):
             train_ids = torch.from_numpy(read_png(d["sem_seg_file_name"]).astype(np.int64))
@@ -536,6 +577,20 @@ def test_official_cityscapes_evaluation_agrees_with_the_train_ids(raw, monkeypat
         for n in names:
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
+
+
+def test_cityscapes_alias_only_where_detectron2_imports_meta_internal_paths():
+    import inspect
+
+    import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as official
+    from detectron2.evaluation import cityscapes_evaluation
+
+    broken = "deeplearning.projects.cityscapesApi" in inspect.getsource(cityscapes_evaluation)
+    assert alias_cityscapes_api() == broken
+    alias = "deeplearning.projects.cityscapesApi.cityscapesscripts"
+    assert (alias in sys.modules) == broken
+    if broken:  # the same modules, not copies: the official evaluation runs unchanged
+        assert sys.modules[alias + ".evaluation.evalPixelLevelSemanticLabeling"] is official
 
 
 # ----------------------------------------------------------------------------------------------

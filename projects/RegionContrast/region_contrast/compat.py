@@ -1,25 +1,43 @@
 """
-Restores the few names that Detectron2 v0.6 uses and that newer libraries removed.
+Restores the few names that Detectron2 uses and that newer libraries, or Meta's own tree, lack.
 
 This is the only module that touches third-party modules' attributes. Each alias is added only
-when missing, so a newer Detectron2, or old pinned numpy/Pillow/setuptools, are left untouched.
+when missing, so a newer Detectron2, or old pinned numpy/Pillow, are left untouched.
 Imported by ``region_contrast/__init__.py`` before anything imports Detectron2.
 
-- numpy 1.24 removed ``np.int``, ``np.float``, ``np.bool`` (``SemSegEvaluator``, ``Visualizer``);
-  numpy 2.4 removed ``np.in1d`` (cityscapesscripts' evaluation, behind
+- numpy 1.24 removed ``np.int``, ``np.float``, ``np.bool`` (v0.6's ``SemSegEvaluator``,
+  ``Visualizer``); numpy 2.4 removed ``np.in1d`` (cityscapesscripts' evaluation, behind
   ``CityscapesSemSegEvaluator``).
-- Pillow 10 removed ``Image.LINEAR`` (read at import of ``detectron2.data.transforms``).
-- setuptools 81 removed ``pkg_resources`` (imported by ``detectron2.model_zoo``).
+- Pillow 10 removed ``Image.LINEAR`` (read at import of v0.6's ``detectron2.data.transforms``).
+- Detectron2 main's ``CityscapesSemSegEvaluator`` imports cityscapesscripts as
+  ``deeplearning.projects.cityscapesApi.cityscapesscripts``, a path that exists only inside Meta
+  (upstream issue 5436): :func:`alias_cityscapes_api`, called when a Cityscapes evaluator is built.
+
+Not restored: ``pkg_resources`` (setuptools 81 removed it; ``detectron2.model_zoo`` imports it,
+nothing of this project does). A stand-in would break the real module's other users (pytest's
+``monkeypatch.syspath_prepend`` among them); ``make`` installs ``setuptools<81`` instead.
 """
-import importlib.resources
+import importlib
 import importlib.util
+import inspect
 import sys
 import types
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["apply"]
+__all__ = ["apply", "alias_cityscapes_api"]
+
+# Where Detectron2 main imports cityscapesscripts from, and the modules of it that it imports.
+MISSING_CITYSCAPES_ROOT = "deeplearning.projects.cityscapesApi"
+CITYSCAPES_MODULES = (
+    "cityscapesscripts",
+    "cityscapesscripts.helpers",
+    "cityscapesscripts.helpers.labels",
+    "cityscapesscripts.evaluation",
+    "cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling",
+    "cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling",
+)
 
 
 def _numpy_aliases():
@@ -40,23 +58,46 @@ def _pillow_aliases():
         Image.LINEAR = Image.Resampling.BILINEAR
 
 
-def _pkg_resources():
-    if "pkg_resources" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
-        return
+def _detectron2_needs_cityscapes_alias():
+    """Whether the installed Detectron2 imports cityscapesscripts from Meta's internal path."""
+    if importlib.util.find_spec("deeplearning") is not None:  # a real tree of that name
+        return False
+    from detectron2.evaluation import cityscapes_evaluation
 
-    def resource_filename(package, resource):
-        return str(importlib.resources.files(package).joinpath(resource))
+    try:
+        return MISSING_CITYSCAPES_ROOT in inspect.getsource(cityscapes_evaluation)
+    except (OSError, TypeError):  # no source installed: alias anyway, it only adds names
+        return True
 
-    module = types.ModuleType("pkg_resources")
-    module.__doc__ = "Minimal stand-in added by region_contrast.compat (resource_filename only)."
-    module.resource_filename = resource_filename
-    sys.modules["pkg_resources"] = module
+
+def alias_cityscapes_api():
+    """
+    Makes ``deeplearning.projects.cityscapesApi.cityscapesscripts[...]`` the installed
+    ``cityscapesscripts`` modules (the official evaluation, the same code), only where the
+    installed Detectron2 imports them from there and no such package exists. Idempotent.
+
+    Returns:
+        True when the aliases are in place (now or from an earlier call).
+    """
+    if f"{MISSING_CITYSCAPES_ROOT}.cityscapesscripts" in sys.modules:
+        return True
+    if not _detectron2_needs_cityscapes_alias():
+        return False
+    parts = MISSING_CITYSCAPES_ROOT.split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        if name not in sys.modules:
+            package = types.ModuleType(name, "Alias parent added by region_contrast.compat.")
+            package.__path__ = []  # a package with nothing of its own to import
+            sys.modules[name] = package
+    for name in CITYSCAPES_MODULES:
+        sys.modules[f"{MISSING_CITYSCAPES_ROOT}.{name}"] = importlib.import_module(name)
+    return True
 
 
 def apply():
     _numpy_aliases()
     _pillow_aliases()
-    _pkg_resources()
 
 
 apply()

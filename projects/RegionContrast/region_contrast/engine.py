@@ -18,13 +18,17 @@ from .checkpoint import AtomicDetectionCheckpointer
 from .config import add_region_contrast_config
 from .data.mapper import ValidatingDatasetMapper
 from .data.sampler import ResumableTrainLoader, build_resumable_train_loader
-from .evaluation import CityscapesOfficialSemSegEvaluator, ValidatingSemSegEvaluator
+from .evaluation import OfficialCityscapesSemSegEvaluator, ValidatingSemSegEvaluator
 from .hooks import build_memory_summary_hook
 from .rng import ReseedEachIteration
 from .solver import build_optimizer
 from .test_time_augmentation import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
+
+# The results key of SemSegEvaluator's metrics on Cityscapes, where "sem_seg" is the official
+# evaluation's (as in Detectron2).
+SEM_SEG_BESIDE_CITYSCAPES = "sem_seg_detectron2"
 
 
 def build_sem_seg_train_aug(cfg):
@@ -149,12 +153,14 @@ class Trainer(DefaultTrainer):
                 dataset_name, distributed=True, output_dir=output_folder
             )
         if evaluator_type == "cityscapes_sem_seg":
-            # The official Cityscapes script and Detectron2's confusion-matrix metrics side by side.
+            # The official Cityscapes numbers under Detectron2's key, "sem_seg", and Detectron2's
+            # confusion-matrix metrics (per-class IoU, accuracy) beside them.
             return DatasetEvaluators(
                 [
-                    CityscapesOfficialSemSegEvaluator(dataset_name),
+                    OfficialCityscapesSemSegEvaluator(dataset_name),
                     ValidatingSemSegEvaluator(
-                        dataset_name, distributed=True, output_dir=output_folder
+                        dataset_name, distributed=True, output_dir=output_folder,
+                        result_key=SEM_SEG_BESIDE_CITYSCAPES,
                     ),
                 ]
             )

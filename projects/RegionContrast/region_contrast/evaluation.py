@@ -1,11 +1,12 @@
 """
-``ValidatingSemSegEvaluator``: Detectron2's ``SemSegEvaluator`` that refuses bad ground truth.
+Detectron2's semantic-segmentation evaluators, with a clear error on bad ground truth.
 
-Detectron2 v0.6 adds ``(K + 1) * pred + gt`` into a ``(K + 1)^2`` confusion matrix: a ground-truth
-value ``v`` outside ``[0, K)`` that is not the ignore label is silently counted in another cell
-(row ``pred + (v // (K + 1))``), or fails with a reshape error. Here each ground-truth map is
-checked as it is read (one vectorised pass), and an error names the file, the values, what was
-expected and the fix. Everything else (metrics, outputs) is the parent's.
+Detectron2's ``SemSegEvaluator`` adds ``(K + 1) * pred + gt`` into a ``(K + 1)^2`` confusion
+matrix: a ground-truth value outside ``[0, K)`` that is not the ignore label is silently counted
+in another cell, or fails with a reshape error. :class:`ValidatingSemSegEvaluator` checks each
+ground-truth map first (which file, which values, what was expected, the fix) and then hands the
+batch to the parent's ``process`` unchanged, so every metric is the installed Detectron2's own
+(boundary IoU and ``sem_seg_loading_fn`` on Detectron2 main, the plain metrics on v0.6).
 """
 import numpy as np
 from PIL import Image
@@ -13,18 +14,31 @@ from PIL import Image
 from detectron2.evaluation import CityscapesSemSegEvaluator, SemSegEvaluator
 from detectron2.utils.file_io import PathManager
 
+from .compat import alias_cityscapes_api
 from .data.mapper import check_label_values
 
-__all__ = ["ValidatingSemSegEvaluator", "CityscapesOfficialSemSegEvaluator"]
+__all__ = ["ValidatingSemSegEvaluator", "OfficialCityscapesSemSegEvaluator"]
 
 
 class ValidatingSemSegEvaluator(SemSegEvaluator):
-    """:class:`SemSegEvaluator` whose ``process`` validates each ground-truth map it reads."""
+    """
+    :class:`SemSegEvaluator` that validates each ground-truth map before the parent reads it.
 
-    def _read_gt(self, gt_file):
+    ``result_key`` names the task in the returned results (``"sem_seg"``, Detectron2's); another
+    name lets it report beside an evaluator that also says ``sem_seg``, as Cityscapes' does.
+    The check reads each ground-truth file once more than the parent does: one image decode
+    per evaluated image, small beside the model's forward.
+    """
+
+    def __init__(self, dataset_name, distributed=True, output_dir=None, *, result_key="sem_seg",
+                 **kwargs):
+        super().__init__(dataset_name, distributed=distributed, output_dir=output_dir, **kwargs)
+        self._result_key = result_key
+
+    def _check_gt(self, gt_file, pred_shape, input_file):
         try:
             with PathManager.open(gt_file, "rb") as f:
-                gt = np.array(Image.open(f), dtype=np.int64)
+                gt = np.asarray(Image.open(f))
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"Ground-truth file {gt_file} of data set '{self._dataset_name}' does not exist. "
@@ -44,37 +58,35 @@ class ValidatingSemSegEvaluator(SemSegEvaluator):
                 "colour-coded labels to class ids with the data set's prepare script."
             )
         check_label_values(gt, self._num_classes, self._ignore_label, gt_file)
-        return gt
+        if gt.shape != tuple(pred_shape):
+            raise ValueError(
+                f"Prediction for {input_file} is {pred_shape[1]}x{pred_shape[0]} "
+                f"(width x height) but its ground truth {gt_file} is {gt.shape[1]}x"
+                f"{gt.shape[0]}; expected the same size. Fix: check the data set's "
+                "'height'/'width' fields and that each image is paired with its own label."
+            )
 
     def process(self, inputs, outputs):
-        k1 = self._num_classes + 1
         for inp, output in zip(inputs, outputs):
-            pred = output["sem_seg"].argmax(dim=0).to(self._cpu_device).numpy().astype(np.int64)
             gt_file = self.input_file_to_gt_file[inp["file_name"]]
-            gt = self._read_gt(gt_file)
-            if gt.shape != pred.shape:
-                raise ValueError(
-                    f"Prediction for {inp['file_name']} is {pred.shape[1]}x{pred.shape[0]} "
-                    f"(width x height) but its ground truth {gt_file} is {gt.shape[1]}x"
-                    f"{gt.shape[0]}; expected the same size. Fix: check the data set's "
-                    "'height'/'width' fields and that each image is paired with its own label."
-                )
-            gt[gt == self._ignore_label] = self._num_classes
-            self._conf_matrix += np.bincount(
-                k1 * pred.reshape(-1) + gt.reshape(-1), minlength=k1 * k1
-            ).reshape(k1, k1)
-            self._predictions.extend(self.encode_json_sem_seg(pred, inp["file_name"]))
-
-
-class CityscapesOfficialSemSegEvaluator(CityscapesSemSegEvaluator):
-    """
-    Detectron2's :class:`CityscapesSemSegEvaluator` (the official cityscapesscripts metrics),
-    reporting under the task ``cityscapes_sem_seg``: it and :class:`SemSegEvaluator` both say
-    ``sem_seg``, and ``DatasetEvaluators`` refuses two evaluators with the same key.
-    """
+            self._check_gt(gt_file, output["sem_seg"].shape[-2:], inp["file_name"])
+        super().process(inputs, outputs)
 
     def evaluate(self):
         results = super().evaluate()
-        if results is None:  # not the main process
+        if results is None or self._result_key == "sem_seg":  # None: not the main process
             return results
-        return {"cityscapes_sem_seg": results["sem_seg"]}
+        return {self._result_key: results["sem_seg"]}
+
+
+class OfficialCityscapesSemSegEvaluator(CityscapesSemSegEvaluator):
+    """
+    Detectron2's :class:`CityscapesSemSegEvaluator` (the official cityscapesscripts metrics,
+    reported under Detectron2's key ``sem_seg``), also where the installed Detectron2 imports
+    cityscapesscripts under a path that only exists inside Meta (Detectron2 main, upstream
+    issue 5436): see :func:`region_contrast.compat.alias_cityscapes_api`.
+    """
+
+    def __init__(self, dataset_name):
+        alias_cityscapes_api()
+        super().__init__(dataset_name)

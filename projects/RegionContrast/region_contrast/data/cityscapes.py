@@ -182,8 +182,10 @@ def register_cityscapes_sem_seg(root, *, name_prefix="cityscapes_fine_sem_seg"):
     Returns:
         The registered names.
     """
-    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
-
+    classes = P.builtin_metadata(
+        "cityscapes_fine_sem_seg_val", ("thing_classes", "thing_colors", "stuff_classes",
+                                        "stuff_colors")
+    )
     names = []
     for split in SPLITS:
         name = f"{name_prefix}_{split}"
@@ -195,7 +197,7 @@ def register_cityscapes_sem_seg(root, *, name_prefix="cityscapes_fine_sem_seg"):
                 gt_dir=gt_dir,
                 evaluator_type="cityscapes_sem_seg",
                 ignore_label=P.IGNORE_LABEL,
-                **_get_builtin_metadata("cityscapes"),
+                **classes,
             )
         P.register_split(name, lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g), metadata)
         names.append(name)

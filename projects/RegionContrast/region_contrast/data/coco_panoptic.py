@@ -214,8 +214,11 @@ def register_coco_panoptic_stuffonly(root, *, name_prefix="coco_2017"):
     Returns:
         The registered names.
     """
-    from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
-
+    classes = P.builtin_metadata(
+        "coco_2017_val_panoptic_stuffonly",
+        ("thing_dataset_id_to_contiguous_id", "thing_classes", "thing_colors",
+         "stuff_dataset_id_to_contiguous_id", "stuff_classes", "stuff_colors"),
+    )
     names = []
     for split in SPLITS:
         name = f"{name_prefix}_{split[:-4]}_panoptic_stuffonly"
@@ -228,7 +231,7 @@ def register_coco_panoptic_stuffonly(root, *, name_prefix="coco_2017"):
                 image_root=image_dir,
                 evaluator_type="sem_seg",
                 ignore_label=P.IGNORE_LABEL,
-                **_get_builtin_metadata("coco_panoptic_separated"),
+                **classes,
             )
         P.register_split(name, lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g), metadata)
         names.append(name)
@@ -237,8 +240,9 @@ def register_coco_panoptic_stuffonly(root, *, name_prefix="coco_2017"):
 
 def register_coco_panoptic_sem_seg(root, *, name_prefix="coco_2017"):
     """
-    Registers ``<name_prefix>_{train,val}_panoptic_sem_seg`` (133 classes, contiguous already:
-    no ``stuff_dataset_id_to_contiguous_id``) for ``root``.
+    Registers ``<name_prefix>_{train,val}_panoptic_sem_seg`` (133 classes; the label maps are
+    contiguous, ``stuff_dataset_id_to_contiguous_id`` maps the COCO panoptic category ids to
+    them, as Mask2Former's metadata does) for ``root``.
 
     Returns:
         The registered names.
@@ -254,6 +258,7 @@ def register_coco_panoptic_sem_seg(root, *, name_prefix="coco_2017"):
         metadata = dict(
             stuff_classes=[c["name"] for c in categories],
             stuff_colors=[list(c["color"]) for c in categories],
+            stuff_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
             sem_seg_root=gt_dir,
             image_root=image_dir,
             evaluator_type="sem_seg",

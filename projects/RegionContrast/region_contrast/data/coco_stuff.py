@@ -2,20 +2,31 @@
 COCO-Stuff: 171 classes (80 COCO "things" + 91 "stuff"), in two releases.
 
 **COCO-Stuff-164k** (all of COCO 2017): ``coco_2017_train_stuff_164k_sem_seg`` and
-``coco_2017_val_stuff_164k_sem_seg``. The official ``stuffthingmaps_trainval2017.zip`` holds one
+``coco_2017_val_stuff_164k_sem_seg``, also registered under the names MaskFormer and Mask2Former
+use, ``coco_2017_train_stuff_sem_seg`` and ``coco_2017_test_stuff_sem_seg`` (val2017). The official ``stuffthingmaps_trainval2017.zip`` holds one
 uint8 PNG per image whose value is the COCO-Stuff id minus 1 (0..181; 255 = unlabeled). COCO ids
 1..182 leave 11 thing ids unused, so :func:`prepare_coco_stuff_164k` maps the 171 used raw values
 to contiguous ids 0..170 in id order and everything else (255, the unused ids) to 255, into
 ``coco/stuffthingmaps_detectron2/``.
 
-**COCO-Stuff-10k** (the v1.1 release, ``cocostuff-10k-v1.1.zip``):
-``coco_2017_train_stuff_10k_sem_seg`` and ``coco_2017_test_stuff_10k_sem_seg`` (9,000 / 1,000
-images). Its annotations are MATLAB files
-whose ``S`` holds 0 (unlabeled) or the COCO-Stuff id 1..182; :func:`prepare_coco_stuff_10k`
-writes PNG label maps with the same 171-class mapping (``S`` value v is raw value v - 1; 0 becomes
-255) and links (or copies) the images into the folders the registration reads.
+**COCO-Stuff-10k**: ``coco_2017_train_stuff_10k_sem_seg`` and
+``coco_2017_test_stuff_10k_sem_seg`` (9,000 / 1,000 images). Its annotations are MATLAB files
+with a label map ``S``, in one of two releases, told apart by the file format:
 
-Importing this module registers the four names (cheap; nothing is read until loaded).
+- v1.1 (``cocostuff-10k-v1.1.zip``, MATLAB 5 files, read with scipy): 0 = unlabeled, else the
+  COCO-Stuff id 1..182 (raw value v - 1 of the 164k maps);
+- v1.0 (``cocostuff-10k-v1.0.zip``, the one MaskFormer/Mask2Former point to; MATLAB 7.3 files,
+  which are HDF5, read with h5py and stored transposed): 1 = unlabeled, 2..172 = the 171 classes
+  in contiguous order plus 2 (MaskFormer's conversion subtracts 2); 0 is taken as unlabeled.
+
+:func:`prepare_coco_stuff_10k` writes PNG label maps with the same 171 contiguous classes and
+links (or copies) the images into the folders the registration reads: the layout and values of
+MaskFormer's ``images_detectron2``/``annotations_detectron2``, so a folder it prepared is used
+as it is.
+
+Importing this module registers the six names (cheap; nothing is read until loaded). Their
+metadata maps the contiguous ids back to COCO ids (``stuff_dataset_id_to_contiguous_id``), so
+``sem_seg_predictions.json`` holds COCO category ids.
 """
 import glob
 import os
@@ -35,6 +46,7 @@ __all__ = [
     "MAT_LUT",
     "coco_stuff_164k_label_map",
     "coco_stuff_10k_label_map",
+    "read_coco_stuff_10k_mat",
     "prepare_coco_stuff_164k",
     "prepare_coco_stuff_10k",
     "register_coco_stuff_164k",
@@ -98,6 +110,8 @@ COCO_STUFF_COLORS = [
 
 # stuffthingmaps value (COCO id - 1) -> contiguous class id.
 RAW_TO_CONTIGUOUS = {coco_id - 1: k for k, (coco_id, _) in enumerate(COCO_STUFF_CATEGORIES)}
+# COCO id -> contiguous class id (the metadata's stuff_dataset_id_to_contiguous_id).
+RAW_TO_CONTIGUOUS_COCO_ID = {coco_id: k for k, (coco_id, _) in enumerate(COCO_STUFF_CATEGORIES)}
 # Every uint8 value is valid in stuffthingmaps: unused ids and 255 become 255.
 RAW_LUT = P.build_lut(RAW_TO_CONTIGUOUS, default=P.IGNORE_LABEL)
 # COCO-Stuff-10k "S" value (0 unlabeled, else COCO id) -> contiguous; values above 182 invalid.
@@ -107,13 +121,21 @@ MAT_LUT = P.build_lut(
     size=65536,
 )
 
+# COCO-Stuff-10k v1.0 "S" value (MATLAB 7.3 files) -> contiguous; values above 172 invalid.
+MAT_V10_LUT = P.build_lut(
+    {0: P.IGNORE_LABEL, 1: P.IGNORE_LABEL, **{v: v - 2 for v in range(2, NUM_CLASSES + 2)}},
+    size=65536,
+)
+
 PREPARE_164K = "python datasets/prepare_coco_stuff_164k_sem_seg.py"
 PREPARE_10K = "python datasets/prepare_coco_stuff_10k_sem_seg.py"
 DOWNLOADS_164K = (
     "train2017.zip, val2017.zip (https://cocodataset.org) and stuffthingmaps_trainval2017.zip "
     "(https://github.com/nightrome/cocostuff)"
 )
-DOWNLOADS_10K = "cocostuff-10k-v1.1.zip (https://github.com/nightrome/cocostuff10k)"
+DOWNLOADS_10K = (
+    "cocostuff-10k-v1.1.zip or cocostuff-10k-v1.0.zip (https://github.com/nightrome/cocostuff10k)"
+)
 TREE_164K = """\
   coco/
     train2017/*.jpg                    from train2017.zip
@@ -125,9 +147,10 @@ TREE_164K = """\
 """
 TREE_10K = """\
   coco/
-    coco_stuff_10k/                    from cocostuff-10k-v1.1.zip (unzip -d coco/coco_stuff_10k)
-      images/*.jpg                     COCO_train2014_<id>.jpg
-      annotations/*.mat                MATLAB files with "S" (0 = unlabeled, 1..182 = COCO ids)
+    coco_stuff_10k/                    from cocostuff-10k-v1.1.zip or -v1.0.zip
+      images/*.jpg                     COCO_train2014_<id>.jpg (unzip -d coco/coco_stuff_10k)
+      annotations/*.mat                MATLAB files with "S" (v1.1: 0 = unlabeled, 1..182 =
+                                         COCO ids; v1.0: 1 = unlabeled, 2..172 = classes)
       imageLists/train.txt             one image name (no extension) per line
       imageLists/test.txt
       images_detectron2/{train,test}/       written by the prepare script (links to images/)
@@ -145,11 +168,41 @@ def coco_stuff_164k_label_map(raw, where="<array>"):
     return out
 
 
-def coco_stuff_10k_label_map(s, where="<array>"):
-    """Contiguous label map (uint8, 0..170 / 255) of a COCO-Stuff-10k ``S`` array."""
-    out = P.apply_lut(np.asarray(s).astype(np.int64), MAT_LUT, where)
+def coco_stuff_10k_label_map(s, where="<array>", release="v1.1"):
+    """
+    Contiguous label map (uint8, 0..170 / 255) of a COCO-Stuff-10k ``S`` array of the given
+    release ("v1.1" or "v1.0", see the module docstring).
+    """
+    luts = {"v1.1": MAT_LUT, "v1.0": MAT_V10_LUT}
+    if release not in luts:
+        raise ValueError(f"release must be one of {sorted(luts)}, got {release!r}")
+    out = P.apply_lut(np.asarray(s).astype(np.int64), luts[release], where)
     P.check_label_values(out, NUM_CLASSES, where)
     return out
+
+
+def read_coco_stuff_10k_mat(path):
+    """
+    ``(S, release)`` of a COCO-Stuff-10k annotation file: v1.0's MATLAB 7.3 (HDF5) files are
+    read with h5py and transposed back to (height, width), v1.1's MATLAB 5 files with scipy.
+    """
+    import h5py
+
+    if h5py.is_hdf5(path):
+        with h5py.File(path, "r") as f:
+            if "S" not in f:
+                raise P.InvalidLabelError(
+                    f"{path}: no variable 'S' in this MATLAB 7.3 file (found {sorted(f)})"
+                )
+            # MATLAB stores arrays column-major: h5py sees the transpose.
+            return np.asarray(f["S"]).T, "v1.0"
+    from scipy.io import loadmat
+
+    mat = loadmat(path)
+    if "S" not in mat:
+        found = sorted(k for k in mat if not k.startswith("__"))
+        raise P.InvalidLabelError(f"{path}: no variable 'S' (found {found})")
+    return mat["S"], "v1.1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,13 +273,7 @@ def _dirs_10k(root, split):
 
 def _convert_10k(task):
     dst, src, image = task
-    from scipy.io import loadmat
-
-    mat = loadmat(src)
-    if "S" not in mat:
-        found = sorted(k for k in mat if not k.startswith("__"))
-        raise P.InvalidLabelError(f"{src}: no variable 'S' (found {found})")
-    s = mat["S"]
+    s, release = read_coco_stuff_10k_mat(src)
     from PIL import Image
 
     with Image.open(image) as img:
@@ -235,7 +282,7 @@ def _convert_10k(task):
         raise P.InvalidLabelError(
             f"{src}: 'S' has shape {s.shape} but {image} is {height} x {width}"
         )
-    P.write_png_atomic(dst, coco_stuff_10k_label_map(s, src))
+    P.write_png_atomic(dst, coco_stuff_10k_label_map(s, src, release))
 
 
 def _link_image(task):
@@ -263,7 +310,8 @@ def _read_list(path):
 
 def prepare_coco_stuff_10k(root, *, workers=None, progress=True):
     """
-    From the official COCO-Stuff-10k v1.1 files in ``coco/coco_stuff_10k/`` under ``root``, writes
+    From the official COCO-Stuff-10k files (v1.1 or v1.0) in ``coco/coco_stuff_10k/`` under
+    ``root``, writes
     ``annotations_detectron2/{train,test}/<name>.png`` and hard-links (or copies) each image to
     ``images_detectron2/{train,test}/<name>.jpg``, following ``imageLists/{train,test}.txt``.
     Resumable and idempotent; the official files are only read.
@@ -271,7 +319,7 @@ def prepare_coco_stuff_10k(root, *, workers=None, progress=True):
     Returns:
         list of :class:`~region_contrast.data.prepare.PrepareResult`.
     """
-    src = "cocostuff-10k-v1.1.zip"
+    src = "cocostuff-10k-v1.1.zip (or -v1.0.zip)"
     required = [
         P.Required(f"{DIR_10K}/images", src, "*.jpg"),
         P.Required(f"{DIR_10K}/annotations", src, "*.mat"),
@@ -292,7 +340,7 @@ def prepare_coco_stuff_10k(root, *, workers=None, progress=True):
         raise P.LayoutError(
             f"COCO-Stuff-10k: {len(missing)} files named in imageLists/ are missing, e.g. "
             f"{os.path.abspath(missing[0][1])} (listed in imageLists/{missing[0][0]}.txt). "
-            f"Extract all of cocostuff-10k-v1.1.zip. Expected tree under $DETECTRON2_DATASETS "
+            f"Extract all of the downloaded zip. Expected tree under $DETECTRON2_DATASETS "
             f"({P.describe_root()}):\n{TREE_10K}"
         )
     results = []
@@ -330,9 +378,11 @@ def _load(name, image_dir, gt_dir, prepare_command, downloads):
 
 
 def _metadata(image_dir, gt_dir):
-    # No stuff_dataset_id_to_contiguous_id: the prepared label maps are contiguous already.
     return dict(
         stuff_classes=list(COCO_STUFF_CLASSES),
+        # The label maps hold contiguous ids; SemSegEvaluator writes the COCO ids into
+        # sem_seg_predictions.json, as Detectron2 and Mask2Former do.
+        stuff_dataset_id_to_contiguous_id=dict(RAW_TO_CONTIGUOUS_COCO_ID),
         stuff_colors=[list(c) for c in COCO_STUFF_COLORS],
         image_root=image_dir,
         sem_seg_root=gt_dir,
@@ -341,18 +391,25 @@ def _metadata(image_dir, gt_dir):
     )
 
 
+# The names other Detectron2 projects (MaskFormer, Mask2Former) give the same splits, on the
+# same folders: their "test" is val2017.
+ALIASES_164K = {"train2017": "train_stuff_sem_seg", "val2017": "test_stuff_sem_seg"}
+
+
 def register_coco_stuff_164k(root, *, name_prefix="coco_2017"):
-    """Registers ``<name_prefix>_{train,val}_stuff_164k_sem_seg`` for ``root``; returns names."""
-    names = []
-    for split in SPLITS_164K:
-        name = f"{name_prefix}_{split[:-4]}_stuff_164k_sem_seg"
+    """
+    Registers ``<name_prefix>_{train,val}_stuff_164k_sem_seg`` for ``root``, and the same
+    splits as ``<name_prefix>_{train,test}_stuff_sem_seg``; returns the four names in that order.
+    """
+    names = [f"{name_prefix}_{split[:-4]}_stuff_164k_sem_seg" for split in SPLITS_164K]
+    names += [f"{name_prefix}_{ALIASES_164K[split]}" for split in SPLITS_164K]
+    for name, split in zip(names, SPLITS_164K * 2):
         image_dir, _, gt_dir = _dirs_164k(root, split)
         P.register_split(
-            name,
+                name,
             lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g, PREPARE_164K, DOWNLOADS_164K),
             _metadata(image_dir, gt_dir),
         )
-        names.append(name)
     return names
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "require_folder",
     "missing_data_message",
     "register_split",
+    "builtin_metadata",
 ]
 
 IGNORE_LABEL = 255
@@ -526,3 +527,14 @@ def register_split(name, load, metadata=None):
         if name in MetadataCatalog.list():
             MetadataCatalog.remove(name)
         MetadataCatalog.get(name).set(**metadata)
+
+
+def builtin_metadata(name, keys):
+    """
+    The fields ``keys`` (those it has) of the metadata Detectron2 registers for its own data
+    set ``name``: what a copy of that data set under another name or root should carry.
+    """
+    from detectron2.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(name)
+    return {k: getattr(meta, k) for k in keys if hasattr(meta, k)}

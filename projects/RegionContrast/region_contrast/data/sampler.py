@@ -15,7 +15,13 @@ generator, whose state is not in the checkpoint either. Here:
   not on the data-loader worker that happens to load it);
 - :class:`ResumableTrainLoader` starts its iterator lazily, so the trainer can set the start
   iteration after loading the checkpoint (``Trainer.resume_or_load``) and before any worker
-  begins reading.
+  begins reading;
+- :func:`build_resumable_train_loader` gives the sampler to a map-style PyTorch ``DataLoader``,
+  so the main process draws the positions and the batches come in stream order whatever
+  ``DATALOADER.NUM_WORKERS`` is. (Detectron2's ``build_detection_train_loader`` would do it on
+  v0.6, but Detectron2 main runs the sampler in each worker and splits the stream into
+  batch-size chunks per worker: with aspect-ratio grouping the order then depends on the
+  number of workers and on where the stream starts, and a resumed run differs.)
 
 With ``DATALOADER.ASPECT_RATIO_GROUPING`` the resumed batches are exact when all training samples
 fall in one aspect-ratio group, as they do with ``INPUT.CROP`` (every sample is then padded to the
@@ -26,16 +32,15 @@ with fresh randomness (as in Detectron2).
 """
 import itertools
 import logging
+import operator
 import random
 
 import torch
 import torch.utils.data as torchdata
 
-from detectron2.data import (
-    DatasetFromList,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import DatasetFromList, get_detection_dataset_dicts
+from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
+from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.utils import comm
 
 from ..rng import derive_seed, preserved_rngs, seeded_rngs
@@ -187,16 +192,43 @@ class ResumableTrainLoader:
         return _LazyIterator(self)
 
 
+def _batches(dataset, sampler, batch_size, *, aspect_ratio_grouping, num_workers):
+    """
+    Batches of ``batch_size`` items of ``dataset`` at the sampler's indices, in the sampler's
+    order: a map-style ``DataLoader`` draws the indices in the main process and returns the
+    workers' results in that order. Aspect-ratio grouping is Detectron2's.
+    """
+    if aspect_ratio_grouping:
+        items = torchdata.DataLoader(
+            dataset, sampler=sampler, batch_size=1, num_workers=num_workers,
+            collate_fn=operator.itemgetter(0), worker_init_fn=worker_init_reset_seed,
+        )
+        return AspectRatioGroupedDataset(items, batch_size)
+    return torchdata.DataLoader(
+        dataset, batch_sampler=torchdata.BatchSampler(sampler, batch_size, drop_last=True),
+        num_workers=num_workers, collate_fn=trivial_batch_collator,
+        worker_init_fn=worker_init_reset_seed,
+    )
+
+
 def build_resumable_train_loader(cfg, mapper):
     """
     The training loader of ``cfg`` (``DATASETS.TRAIN``, ``SOLVER.IMS_PER_BATCH``,
-    ``DATALOADER.*``) with :class:`ResumableTrainingSampler` and per-sample seeding.
+    ``DATALOADER.*``) with :class:`ResumableTrainingSampler` and per-sample seeding: the same
+    batches for any number of data-loader workers, on Detectron2 v0.6 and main alike.
     """
     if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
         raise ValueError(
             f"DATALOADER.SAMPLER_TRAIN = {cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported by the "
             "resumable training loader of this project: expected 'TrainingSampler' (the others "
             "need instance annotations, which semantic segmentation data sets do not have)."
+        )
+    total_batch_size, world_size = cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size()
+    if total_batch_size <= 0 or total_batch_size % world_size:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH = {total_batch_size} must be a positive multiple of the "
+            f"number of processes ({world_size}): each takes IMS_PER_BATCH / processes images. "
+            "Fix it in the recipe or on the command line."
         )
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
@@ -205,12 +237,9 @@ def build_resumable_train_loader(cfg, mapper):
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     sampler = ResumableTrainingSampler(len(dicts), seed=seed)
     dataset = SeededMapDataset(DatasetFromList(dicts, copy=False), mapper, seed)
-    loader = build_detection_train_loader(
-        dataset=dataset,
-        mapper=None,
-        sampler=sampler,
-        total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+    loader = _batches(
+        dataset, sampler, total_batch_size // world_size,
         aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
         num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
-    return ResumableTrainLoader(loader, sampler, cfg.SOLVER.IMS_PER_BATCH)
+    return ResumableTrainLoader(loader, sampler, total_batch_size)
