@@ -9,8 +9,8 @@ Train and evaluate RegionContrast (and its Detectron2 baselines) for semantic se
 """
 import region_contrast  # noqa: F401  (registers data sets, heads, the meta-architecture)
 from detectron2.engine import default_argument_parser, launch
-from region_contrast.checkpoint import AtomicDetectionCheckpointer
 from region_contrast.engine import Trainer, setup
+from region_contrast.engine.checkpoint import AtomicDetectionCheckpointer
 
 
 def main(args):

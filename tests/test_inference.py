@@ -18,8 +18,8 @@ from detectron2.modeling import SemanticSegmentor, build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from region_contrast.data import digit_scenes as ds
 from region_contrast.engine import get_region_contrast_cfg
-from region_contrast.sliding_window import window_starts
-from region_contrast.test_time_augmentation import SemanticSegmentorWithTTA
+from region_contrast.evaluation.sliding_window import window_starts
+from region_contrast.evaluation.test_time_augmentation import SemanticSegmentorWithTTA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5

@@ -25,7 +25,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def load_memory_bank_module():
     package = importlib.util.find_spec("region_contrast")  # locates, does not run __init__
-    path = os.path.join(package.submodule_search_locations[0], "memory_bank.py")
+    path = os.path.join(package.submodule_search_locations[0], "modeling", "memory_bank.py")
     spec = importlib.util.spec_from_file_location("_region_contrast_memory_bank", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -10,6 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from region_contrast.engine import get_region_contrast_cfg
+from region_contrast.modeling.criterion import labels_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
@@ -98,7 +99,7 @@ def test_enabled_adds_only_projector_and_bank_and_eval_matches_baseline():
     rc_model = build(make_cfg(), seed=2)
     extra = set(rc_model.state_dict()) - set(d2_model.state_dict())
     assert set(d2_model.state_dict()) <= set(rc_model.state_dict())
-    assert extra and all(k.startswith(("projector.", "memory_bank.")) for k in extra)
+    assert extra and all(k.startswith("criterion.") for k in extra)
 
     # Fill the bank, then load the baseline's weights: evaluation must not see the difference.
     train_step(rc_model, make_batch(3))
@@ -128,7 +129,7 @@ def test_rc_checkpoint_deploys_into_the_baseline(tmp_path):
     DetectionCheckpointer(d2_model).load(str(tmp_path / "model_rc.pth"))
     saved = torch.load(tmp_path / "model_rc.pth", map_location="cpu", weights_only=False)
     unused = set(saved["model"]) - set(d2_model.state_dict())
-    assert unused and all(k.startswith(("projector.", "memory_bank.")) for k in unused)
+    assert unused and all(k.startswith("criterion.") for k in unused)
     for k, v in d2_model.state_dict().items():  # every baseline weight came from the file
         assert torch.equal(v, rc_model.state_dict()[k]), k
 
@@ -162,21 +163,18 @@ def test_training_step_logs_and_pushes_one_row_per_region():
     assert float(losses["loss_contrast"]) > 0
     for key in ("region_contrast_bank_fill", "region_contrast_pos_cos", "region_contrast_neg_cos"):
         assert key in storage.latest(), key
-    grads = [p.grad for p in model.projector.parameters()]
+    grads = [p.grad for p in model.criterion.projector.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("size", [(16, 16), (16, 8), (13, 11)])
-def test_prepared_labels_are_nearest_downsampled_ground_truth(size):
-    """A whole-number stride takes a strided view; the result is nearest interpolation's."""
-    model = build(make_cfg())
+def test_labels_are_nearest_downsampled_ground_truth(size):
     g = torch.Generator().manual_seed(3)
     targets = torch.randint(0, NUM_CLASSES, (2, SIZE, SIZE), generator=g)
     targets[:, :5] = 255
-    prepared = model._prepare(targets, size)
     expected = torch.nn.functional.interpolate(targets[:, None].float(), size=size,
                                                mode="nearest")[:, 0].long()
-    assert torch.equal(prepared.labels, expected)
+    assert torch.equal(labels_at(targets, size), expected)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +205,7 @@ def test_variants_train(options):
 
 def test_dynamic_samples_push_extra_rows():
     plain, dynamic = build(make_cfg()), build(make_cfg(DYNAMIC_SAMPLES=2, MEMORY_SIZE=100))
-    plain.memory_bank = type(plain.memory_bank)(NUM_CLASSES, 100, 16)
+    plain.criterion.memory_bank = type(plain.memory_bank)(NUM_CLASSES, 100, 16)
     batch = make_batch()
     train_step(plain, batch)
     train_step(dynamic, batch)

@@ -4,7 +4,6 @@ import torch
 
 from region_contrast.regions import (
     dynamic_subset_centers,
-    find_regions,
     region_centers,
     region_pixel_index,
     sample_region_pixels,
@@ -246,19 +245,6 @@ def test_dynamic_full_fraction_equals_region_centers():
     torch.testing.assert_close(dyn, centers.repeat_interleave(3, dim=0))
     assert torch.equal(dyn_classes, classes.repeat_interleave(3))
     assert torch.equal(dyn_images, images.repeat_interleave(3))
-
-
-def test_dynamic_with_the_callers_regions_equals_finding_them():
-    g = torch.Generator().manual_seed(10)
-    features = torch.randn(2, 5, 6, 6, generator=g)
-    labels = random_labels(g, 2, 6, 6, 4)
-    found = dynamic_subset_centers(features, labels, 4, 3, 0.5,
-                                   generator=torch.Generator().manual_seed(0))
-    given = dynamic_subset_centers(features, labels, 4, 3, 0.5,
-                                   generator=torch.Generator().manual_seed(0),
-                                   regions=find_regions(labels, 4))
-    for a, b in zip(found, given):
-        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("fraction", [1e-9, 0.3, 0.7])

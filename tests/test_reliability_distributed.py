@@ -61,7 +61,7 @@ def batch_for(rank, step):
     return make_batch(seed=100 * step + rank, size=SIZE, all_ignore=empty)
 
 
-def _worker(rank, world_size, port, out_dir, fixed_shapes=False):
+def _worker(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -74,8 +74,6 @@ def _worker(rank, world_size, port, out_dir, fixed_shapes=False):
         # What detectron2.engine.launch sets up; comm.get_local_rank() etc. read it.
         comm._LOCAL_PROCESS_GROUP = dist.new_group(list(range(world_size)))
         model = build(dist_cfg(), seed=10 + rank)  # different initial weights on every rank...
-        if fixed_shapes:  # the CUDA-graph path's contrast (run eagerly here) and its push
-            model._runs_graphed = lambda num_images: True
         ddp = DistributedDataParallel(model, broadcast_buffers=False)  # ...rank 0's broadcast
         optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
         model.train()
@@ -96,10 +94,9 @@ def _worker(rank, world_size, port, out_dir, fixed_shapes=False):
         dist.destroy_process_group()
 
 
-def run_ranks(world_size, out_dir, fixed_shapes=False):
+def run_ranks(world_size, out_dir):
     context = mp.spawn(
-        _worker, args=(world_size, free_port(), str(out_dir), fixed_shapes), nprocs=world_size,
-        join=False,
+        _worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=False,
     )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):  # raises if a rank failed
@@ -133,26 +130,26 @@ def reference(world_size):
     return model.state_dict()
 
 
-@pytest.mark.parametrize("world_size, fixed_shapes", [(2, False), (3, False), (2, True)])
-def test_ranks_stay_identical_and_match_single_process(tmp_path, world_size, fixed_shapes):
-    """``fixed_shapes``: the ranks run the contrast that CUDA graphs replay on a GPU."""
-    results = run_ranks(world_size, tmp_path, fixed_shapes)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_stay_identical_and_match_single_process(tmp_path, world_size):
+    results = run_ranks(world_size, tmp_path)
     states = [r["state"] for r in results]
     for rank, state in enumerate(states[1:], start=1):
         assert state.keys() == states[0].keys()
         for key, value in states[0].items():
             assert torch.equal(value, state[key]), f"rank {rank} differs from rank 0 in {key}"
 
-    bank_count = states[0]["memory_bank.count"]
-    assert int(bank_count.sum()) > 0 and int(states[0]["memory_bank.ptr"].sum()) > 0
+    bank_count = states[0]["criterion.memory_bank.count"]
+    assert int(bank_count.sum()) > 0 and int(states[0]["criterion.memory_bank.ptr"].sum()) > 0
     # The empty rank added nothing at its empty step; the others did.
     grew = [int(c.sum()) for c in results[0]["counts"]]
     assert grew[0] > 0 and grew[EMPTY_STEP] > grew[EMPTY_STEP - 1]
 
     with single_thread():
         expected = reference(world_size)
-    assert torch.equal(expected["memory_bank.count"], bank_count)
-    assert torch.equal(expected["memory_bank.ptr"], states[0]["memory_bank.ptr"])
+    assert torch.equal(expected["criterion.memory_bank.count"], bank_count)
+    assert torch.equal(expected["criterion.memory_bank.ptr"],
+                       states[0]["criterion.memory_bank.ptr"])
     for key, value in expected.items():
         # Summation order differs (all-reduce, per-rank forwards): a few float32 roundings.
         torch.testing.assert_close(states[0][key], value, atol=1e-5, rtol=1e-4, msg=key)

@@ -19,10 +19,10 @@ from reliability_utils import build, load_train_net, make_cfg, single_thread, un
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 from region_contrast.data import digit_scenes as ds
-from region_contrast.hooks import MemorySummaryHook, build_memory_summary_hook
+from region_contrast.engine.hooks import MemorySummaryHook, build_memory_summary_hook
 from region_contrast.memory_bank import RegionMemoryBank
-from region_contrast.memory_plots import FIGURE_PIXELS
-from region_contrast.memory_summary import (
+from region_contrast.visualisation.memory_plots import FIGURE_PIXELS
+from region_contrast.visualisation.memory_summary import (
     bank_from_state_dict,
     class_mean_cosine,
     class_means,
@@ -260,7 +260,7 @@ def test_summary_hook_only_with_a_bank_and_periodic_evaluation():
 
 
 # ------------------------------------------------------------------------------------------
-# region_contrast.memory_summary
+# region_contrast.visualisation.memory_summary
 # ------------------------------------------------------------------------------------------
 def test_bank_from_state_dict_matches_the_bank():
     bank = RegionMemoryBank(3, 4, 5, dtype=torch.float16)

@@ -32,6 +32,8 @@ import time
 import numpy as np
 import torch
 
+from region_contrast.files import atomic_write
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "DigitScenes")
 BASELINE = "deeplab_v3_plus_R_18_os32_digit_scenes_1500_bs8.yaml"
@@ -111,19 +113,17 @@ def train_one(train_net, variant, seed, argv):
         "sem_seg": {k: float(v) for k, v in results["sem_seg"].items()},
     }
     # Written last: its presence means the run is complete.
-    tmp = os.path.join(output_dir, "run.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, "run.json"))
+    atomic_write(os.path.join(output_dir, "run.json"), lambda f: json.dump(record, f, indent=1),
+                 mode="w")
     return record
 
 
 def machine_description():
-    # benchmark.py sits beside this script; its CPU model reader serves both.
+    # The benchmark package sits beside this script; its CPU model reader serves both.
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
-    from benchmark import cpu_model
+    from benchmarks.machine import cpu_model
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
@@ -186,10 +186,7 @@ def write_markdown(path, summary, class_names, header):
                  for s in summary.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("\n".join(lines)), mode="w")
 
 
 def write_plot(path, summary, title):
@@ -210,10 +207,8 @@ def write_plot(path, summary, title):
     ax.set_title(title, fontsize=10)
     ax.set_ylim(0, max(max(means) + max(stds) + 5, 10))
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -29,8 +29,8 @@ from PIL import Image
 import region_contrast  # noqa: F401  (compatibility aliases, data sets)
 from detectron2.data import MetadataCatalog
 from region_contrast.engine import get_region_contrast_cfg
-from region_contrast.memory_plots import memory_summary_images
-from region_contrast.memory_summary import bank_from_state_dict
+from region_contrast.visualisation.memory_plots import memory_summary_images
+from region_contrast.visualisation.memory_summary import bank_from_state_dict
 
 
 

@@ -2,11 +2,16 @@
 from . import compat  # noqa: F401  (must run before anything imports Detectron2)
 from . import data  # noqa: F401  (registers the data sets)
 from .config import add_region_contrast_config
-from .heads import RegionContrastDeepLabV3Head, RegionContrastDeepLabV3PlusHead
-from .meta_arch import RegionContrastSegmentor
+from .modeling import (  # noqa: F401  (registers the heads and the meta-architecture)
+    RegionContrastCriterion,
+    RegionContrastDeepLabV3Head,
+    RegionContrastDeepLabV3PlusHead,
+    RegionContrastSegmentor,
+)
 
 __all__ = [
     "add_region_contrast_config",
+    "RegionContrastCriterion",
     "RegionContrastDeepLabV3Head",
     "RegionContrastDeepLabV3PlusHead",
     "RegionContrastSegmentor",

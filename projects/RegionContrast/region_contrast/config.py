@@ -33,9 +33,6 @@ def add_region_contrast_config(cfg):
     cfg.MODEL.REGION_CONTRAST.DYNAMIC_FRACTION = 0.5
     # Iterations of cross entropy alone before the contrastive loss is added (the bank fills).
     cfg.MODEL.REGION_CONTRAST.WARMUP_ITERS = 0
-    # On CUDA, replay the contrast of region anchors (ground-truth regions, no dynamic samples)
-    # as CUDA graphs: the same loss at a fraction of the launch cost. False launches each op.
-    cfg.MODEL.REGION_CONTRAST.CUDA_GRAPHS = True
 
     # Std of the segmentation classifier's initial weights (the DeepLab heads' 0.001 suits
     # pretrained backbones; from scratch it stalls the decoder, see heads.py).

@@ -48,7 +48,7 @@ ADE20K_LUT = P.build_lut({0: P.IGNORE_LABEL, **{k: k - 1 for k in range(1, NUM_C
 def ade20k_label_map(raw, where="<array>"):
     """The Detectron2 label map (uint8) of an official ADE20K annotation (uint8 array)."""
     out = P.apply_lut(raw, ADE20K_LUT, where)
-    P.check_label_values(out, NUM_CLASSES, where)
+    P.check_output_labels(out, NUM_CLASSES, where)
     return out
 
 

@@ -61,8 +61,7 @@ def _convert_one(task):
     dst, src = task
     # json2labelImg picks the format from the name: keep ".png" (the hidden temporary name is
     # skipped by the globs of the Cityscapes loaders and evaluators; no loader lists this folder).
-    tmp = P.temp_path(dst, keep_ext=True)
-    try:
+    with P.atomic_path(dst, keep_ext=True) as tmp:
         try:
             json2labelImg(src, tmp, "trainIds")
         except SystemExit:  # cityscapesscripts exits on an unknown label
@@ -70,12 +69,7 @@ def _convert_one(task):
                 f"{src}: cityscapesscripts could not convert it (see the message above; an "
                 "unknown label name?)"
             ) from None
-        P.check_label_values(P.read_label_image(tmp), NUM_CLASSES, src)
-        P.replace_atomic(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        P.check_output_labels(P.read_label_image(tmp), NUM_CLASSES, src)
 
 
 def _split_dirs(root, split):

@@ -99,7 +99,7 @@ def panoptic_to_stuffonly(ids, segments_info, id_map, where="<array>",
         if cat not in id_map:
             raise P.InvalidLabelError(f"{where}: segment {seg['id']} has unknown category {cat}")
         out[ids == seg["id"]] = id_map[cat]
-    P.check_label_values(out, num_classes, where)
+    P.check_output_labels(out, num_classes, where)
     return out
 
 

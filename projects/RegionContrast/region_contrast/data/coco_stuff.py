@@ -164,7 +164,7 @@ DIR_10K = os.path.join("coco", "coco_stuff_10k")
 def coco_stuff_164k_label_map(raw, where="<array>"):
     """Contiguous label map (uint8, 0..170 / 255) of a stuffthingmaps PNG (uint8 array)."""
     out = P.apply_lut(raw, RAW_LUT, where)
-    P.check_label_values(out, NUM_CLASSES, where)
+    P.check_output_labels(out, NUM_CLASSES, where)
     return out
 
 
@@ -177,7 +177,7 @@ def coco_stuff_10k_label_map(s, where="<array>", release="v1.1"):
     if release not in luts:
         raise ValueError(f"release must be one of {sorted(luts)}, got {release!r}")
     out = P.apply_lut(np.asarray(s).astype(np.int64), luts[release], where)
-    P.check_label_values(out, NUM_CLASSES, where)
+    P.check_output_labels(out, NUM_CLASSES, where)
     return out
 
 
@@ -287,19 +287,13 @@ def _convert_10k(task):
 
 def _link_image(task):
     dst, src = task
-    tmp = P.temp_path(dst)
-    try:
+    with P.atomic_path(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:  # another file system, or links not allowed: copy
             import shutil
 
             shutil.copyfile(src, tmp)
-        P.replace_atomic(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _read_list(path):

@@ -36,6 +36,8 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..files import atomic_write
+
 __all__ = [
     "DIGIT_SCENES_CLASSES",
     "DIGIT_SCENES_COLORS",
@@ -323,10 +325,7 @@ def _split_dirs(dataset_dir, split):
 
 
 def _write_atomic(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _write_json_atomic(path, obj):

@@ -24,6 +24,8 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.utils.file_io import PathManager
 
+from .prepare import invalid_label_values
+
 __all__ = [
     "ValidatingDatasetMapper",
     "read_image_checked",
@@ -85,14 +87,10 @@ def read_label_checked(file_name):
 def check_label_values(label, num_classes, ignore_value, file_name):
     """
     Raises ValueError if ``label`` holds a value that is neither a class in
-    ``[0, num_classes)`` nor ``ignore_value``. Two comparisons over the array; the offending
-    values are only collected on failure.
+    ``[0, num_classes)`` nor ``ignore_value``, naming the file, the values and the fix.
     """
-    bad = (label >= num_classes) & (label != ignore_value)
-    if np.issubdtype(label.dtype, np.signedinteger):
-        bad |= label < 0
-    if bad.any():
-        values, counts = np.unique(label[bad], return_counts=True)
+    values, counts = invalid_label_values(label, num_classes, ignore_value)
+    if values.size:
         shown = ", ".join(f"{v} ({c} px)" for v, c in zip(values[:10].tolist(), counts[:10]))
         more = f" and {len(values) - 10} more" if len(values) > 10 else ""
         raise ValueError(

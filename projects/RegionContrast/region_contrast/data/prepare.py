@@ -8,10 +8,10 @@ Every prepare script follows the same contract, implemented here once:
   with a message that names each missing path, the download it comes from and the tree expected;
 - source files are only read, never modified, moved or renamed;
 - each output is written to a temporary file in its own folder (a hidden name that no loader
-  lists, see :func:`temp_path`) and renamed into place (:func:`write_png_atomic`,
-  :func:`replace_atomic`), so an output that exists is complete; a re-run skips complete outputs
+  lists, see :mod:`region_contrast.files`) and renamed into place (:func:`write_png_atomic`,
+  :func:`~region_contrast.files.atomic_path`), so an output that exists is complete; a re-run skips complete outputs
   and removes the temporary files that an interrupted run left (:func:`remove_stale_temps`);
-- every label value written is checked to be a valid class id or 255 (:func:`check_label_values`);
+- every label value written is checked to be a valid class id or 255 (:func:`check_output_labels`);
 - the work runs on all cores (:func:`parallel_map`, a ``multiprocessing.Pool``) behind a ``tqdm``
   progress bar and ends with a count (:class:`PrepareResult`).
 
@@ -30,6 +30,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from ..files import TEMP_PREFIX, atomic_path, atomic_write, temp_path  # noqa: F401  (re-exported)
+
 __all__ = [
     "IGNORE_LABEL",
     "TEMP_PREFIX",
@@ -41,11 +43,12 @@ __all__ = [
     "describe_root",
     "check_layout",
     "temp_path",
+    "atomic_path",
     "remove_stale_temps",
     "write_png_atomic",
-    "replace_atomic",
     "read_label_image",
-    "check_label_values",
+    "check_output_labels",
+    "invalid_label_values",
     "build_lut",
     "apply_lut",
     "default_workers",
@@ -61,7 +64,6 @@ __all__ = [
 IGNORE_LABEL = 255
 # Temporary outputs start with this (a hidden name: glob's "*" skips it, and with the ".tmp"
 # suffix no loader that lists "*.png" / "*.jpg" picks it up).
-TEMP_PREFIX = ".rc_tmp."
 # Below this many outputs a pool costs more than it saves.
 MIN_TASKS_FOR_POOL = 64
 
@@ -242,36 +244,12 @@ def check_layout(dataset, root, required, tree, prepare_command, hints=()):
 # --------------------------------------------------------------------------------------------
 # Atomic outputs
 # --------------------------------------------------------------------------------------------
-def temp_path(path, keep_ext=False):
-    """
-    A temporary path in ``path``'s folder, unique to this process, hidden (leading dot) and, unless
-    ``keep_ext``, ending in ``.tmp`` so that no loader lists it. ``keep_ext`` keeps the extension
-    (for writers that infer the format from the name); use it only in folders that loaders scan
-    with a glob (which skips hidden names) or not at all.
-    """
-    folder, name = os.path.split(path)
-    tmp = f"{TEMP_PREFIX}{os.getpid()}.{name}"
-    return os.path.join(folder, tmp if keep_ext else tmp + ".tmp")
-
-
-def replace_atomic(tmp, path):
-    """Renames a finished temporary file into place (atomic on one file system)."""
-    os.replace(tmp, path)
-
-
 def write_png_atomic(path, array):
     """Writes a 2-D uint8 array (or an H x W x 3 uint8 RGB image) as a PNG, atomically."""
     array = np.asarray(array)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise TypeError(f"expected a uint8 2-D or H x W x 3 array, got {array.dtype} {array.shape}")
-    tmp = temp_path(path)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def png_tasks(src_dir, out_dir):
@@ -311,13 +289,28 @@ def read_label_image(path):
         return np.array(img, dtype=np.uint8)
 
 
-def check_label_values(array, num_classes, where):
-    """Raises :class:`InvalidLabelError` unless every value is in [0, num_classes) or 255."""
-    values = np.unique(array)
-    bad = values[(values >= num_classes) & (values != IGNORE_LABEL)]
-    if bad.size:
+def invalid_label_values(array, num_classes, ignore_value=IGNORE_LABEL):
+    """
+    The values of ``array`` that are neither a class in ``[0, num_classes)`` nor
+    ``ignore_value``, with their pixel counts: ``(values, counts)``, empty when all are valid.
+    The one label check of the data sets (prepared outputs, the mapper's and the evaluator's
+    inputs); the model checks its batches with :func:`region_contrast.modeling.regions.check_labels`.
+    """
+    array = np.asarray(array)
+    bad = (array >= num_classes) & (array != ignore_value)
+    if np.issubdtype(array.dtype, np.signedinteger):
+        bad |= array < 0
+    if not bad.any():
+        return np.zeros(0, dtype=array.dtype), np.zeros(0, dtype=np.int64)
+    return np.unique(array[bad], return_counts=True)
+
+
+def check_output_labels(array, num_classes, where):
+    """Raises :class:`InvalidLabelError` unless every value written is a class or 255."""
+    values, _ = invalid_label_values(array, num_classes)
+    if values.size:
         raise InvalidLabelError(
-            f"{where}: output values {bad.tolist()[:20]} are neither a class id in "
+            f"{where}: output values {values.tolist()[:20]} are neither a class id in "
             f"[0, {num_classes}) nor {IGNORE_LABEL} (ignore)"
         )
 

@@ -15,14 +15,14 @@ from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
 from detectron2.utils import comm
 
 from .checkpoint import AtomicDetectionCheckpointer
-from .config import add_region_contrast_config
-from .data.mapper import ValidatingDatasetMapper
-from .data.sampler import ResumableTrainLoader, build_resumable_train_loader
-from .evaluation import OfficialCityscapesSemSegEvaluator, ValidatingSemSegEvaluator
+from ..config import add_region_contrast_config
+from ..data.mapper import ValidatingDatasetMapper
+from .sampler import ResumableTrainLoader, build_resumable_train_loader
+from ..evaluation import OfficialCityscapesSemSegEvaluator, ValidatingSemSegEvaluator
 from .hooks import build_memory_summary_hook
 from .rng import ReseedEachIteration
 from .solver import build_optimizer
-from .test_time_augmentation import SemanticSegmentorWithTTA
+from ..evaluation.test_time_augmentation import SemanticSegmentorWithTTA
 
 logger = logging.getLogger(__name__)
 

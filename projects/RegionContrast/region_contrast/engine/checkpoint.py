@@ -6,56 +6,19 @@ in place. A run killed (or a disk filling up) during either write leaves a trunc
 possibly the one that replaced the last good ``model_final.pth``, or an empty
 ``last_checkpoint``, and ``--resume`` then fails or starts over. Here each file is written to a
 temporary file in the same directory, flushed to disk and renamed over the target (``os.replace``
-is atomic on POSIX and Windows), so a reader sees either the old file or the complete new one.
+is atomic on POSIX and Windows, :mod:`region_contrast.files`), so a reader sees either the old
+file or the complete new one.
 ``last_checkpoint`` is only updated after the checkpoint itself is in place.
 """
 import os
-import uuid
 
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["AtomicDetectionCheckpointer", "atomic_write"]
+from ..files import atomic_write
 
-
-def _fsync_dir(directory):
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path, write, mode="wb"):
-    """
-    Calls ``write(f)`` on a temporary file next to ``path`` and renames it to ``path``.
-
-    On any error (or interrupt) the temporary file is removed and ``path`` is untouched. A
-    process killed outright leaves only a hidden ``.<name>.<random>.tmp`` file behind.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with 0o666 gives the permissions (under the umask) that open() would give.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+__all__ = ["AtomicDetectionCheckpointer"]
 
 
 class AtomicDetectionCheckpointer(DetectionCheckpointer):
@@ -83,7 +46,7 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             raise ValueError(f"checkpoint name {name!r} must not contain a directory")
         self.logger.info(f"Saving checkpoint to {save_file}")
         os.makedirs(self.save_dir, exist_ok=True)
-        atomic_write(save_file, lambda f: torch.save(data, f))
+        atomic_write(save_file, lambda f: torch.save(data, f), durable=True)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -93,4 +56,5 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             os.path.join(self.save_dir, "last_checkpoint"),
             lambda f: f.write(last_filename_basename),
             mode="w",
+            durable=True,
         )

@@ -14,8 +14,8 @@ from PIL import Image
 from detectron2.evaluation import CityscapesSemSegEvaluator, SemSegEvaluator
 from detectron2.utils.file_io import PathManager
 
-from .compat import alias_cityscapes_api
-from .data.mapper import check_label_values
+from ..compat import alias_cityscapes_api
+from ..data.mapper import check_label_values
 
 __all__ = ["ValidatingSemSegEvaluator", "OfficialCityscapesSemSegEvaluator"]
 

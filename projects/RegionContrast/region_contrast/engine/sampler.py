@@ -43,7 +43,7 @@ from detectron2.data.build import trivial_batch_collator, worker_init_reset_seed
 from detectron2.data.common import AspectRatioGroupedDataset
 from detectron2.utils import comm
 
-from ..rng import derive_seed, preserved_rngs, seeded_rngs
+from .rng import derive_seed, preserved_rngs, seeded_rngs
 
 __all__ = [
     "ResumableTrainingSampler",

@@ -18,7 +18,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .memory_bank import RegionMemoryBank
+from ..modeling.memory_bank import RegionMemoryBank
 from .rng import preserved_rngs
 
 __all__ = ["MemorySummaryHook", "build_memory_summary_hook"]
@@ -74,7 +74,7 @@ class MemorySummaryHook(HookBase):
 
     def write_summary(self):
         """Puts the two images into the storage now (does nothing while the bank is empty)."""
-        from .memory_plots import memory_summary_images  # matplotlib only once it is needed
+        from ..visualisation.memory_plots import memory_summary_images  # matplotlib only once it is needed
 
         storage = self.trainer.storage
         try:
