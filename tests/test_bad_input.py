@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from reliability_utils import make_cfg, single_thread, unregister  # imports region_contrast
+from conftest import make_cfg, single_thread, unregister  # imports region_contrast
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.evaluation import SemSegEvaluator

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import region_contrast  # noqa: F401
-from reliability_utils import load_train_net  # one copy for every test file
+from conftest import load_train_net  # one copy for every test file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import CityscapesSemSegEvaluator, SemSegEvaluator

@@ -7,7 +7,7 @@ finite and the bank holds only finite rows of the classes that were seen.
 import pytest
 import torch
 
-from reliability_utils import (
+from conftest import (
     build,
     load_train_net,
     make_batch,

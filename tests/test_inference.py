@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import region_contrast  # noqa: F401
-from reliability_utils import load_train_net  # one copy for every test file
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from conftest import load_train_net, tiny_digit_scenes, unregister
+from conftest import make_cfg as tiny_cfg
 from detectron2.data.transforms import ResizeTransform
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import SemanticSegmentor, build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from region_contrast.data import digit_scenes as ds
 from region_contrast.engine import get_region_contrast_cfg
 from region_contrast.evaluation.sliding_window import window_starts
 from region_contrast.evaluation.test_time_augmentation import SemanticSegmentorWithTTA
@@ -30,17 +29,11 @@ NUM_CLASSES = 5
 
 
 def make_cfg(crop=None, window=None, stride=None, batch_size=4, enabled=True):
-    """A tiny DeepLabV3+ (ResNet-18) on the CPU; ``crop`` fixes the ASPP pooling window."""
-    cfg = get_region_contrast_cfg()
-    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-DigitScenes.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES
+    """The shared tiny model, narrower; ``crop`` fixes the ASPP pooling window."""
+    cfg = tiny_cfg(num_classes=NUM_CLASSES, enabled=enabled, PROJ_DIM=8, MEMORY_SIZE=4)
     cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 16
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 16
     cfg.MODEL.SEM_SEG_HEAD.PROJECT_CHANNELS = [8]
-    cfg.MODEL.REGION_CONTRAST.ENABLED = enabled
-    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 8
-    cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 4
     cfg.INPUT.CROP.ENABLED = crop is not None
     if crop is not None:
         cfg.INPUT.CROP.SIZE = crop
@@ -256,12 +249,9 @@ def test_tta_works_with_sliding_windows_at_any_scale():
 @pytest.fixture(scope="module")
 def tiny_scenes(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("d2_datasets"))
-    ds.generate_digit_scenes(root, num_train=16, num_val=4, size=128, seed=1, progress=False)
-    names = ds.register_digit_scenes(root, name_prefix="tta_digit_scenes")
+    names = tiny_digit_scenes(root, "tta_digit_scenes", num_train=16, num_val=4, size=128)
     yield names
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    unregister(names)
 
 
 def tta_opts(output_dir, max_iter, min_sizes="(128,)", sliding=False):

@@ -1,37 +1,13 @@
 """RegionContrastSegmentor against Detectron2's own SemanticSegmentor and DeepLab heads."""
 import copy
-import os
 
 import pytest
 import torch
 
-import region_contrast  # noqa: F401
+from conftest import NUM_CLASSES, SIZE, build, make_batch, make_cfg, train_step
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from region_contrast.engine import get_region_contrast_cfg
 from region_contrast.modeling.criterion import labels_at
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 5
-SIZE = 64
-
-
-def make_cfg(enabled=True, **rc):
-    cfg = get_region_contrast_cfg()
-    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-DigitScenes.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = NUM_CLASSES
-    cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS = 32
-    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
-    cfg.MODEL.SEM_SEG_HEAD.LOSS_TYPE = "cross_entropy"
-    cfg.INPUT.CROP.SIZE = (SIZE, SIZE)
-    cfg.MODEL.REGION_CONTRAST.ENABLED = enabled
-    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 16
-    cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 6
-    for key, value in rc.items():
-        cfg.MODEL.REGION_CONTRAST[key] = value
-    return cfg
 
 
 def baseline_cfg():
@@ -40,33 +16,6 @@ def baseline_cfg():
     cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
     cfg.MODEL.SEM_SEG_HEAD.NAME = "DeepLabV3PlusHead"
     return cfg
-
-
-def make_batch(seed=0, n=2, all_ignore=False):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(n):
-        label = torch.randint(0, NUM_CLASSES, (SIZE // 8, SIZE // 8), generator=g)
-        label = label.repeat_interleave(8, 0).repeat_interleave(8, 1)
-        label[torch.rand(SIZE, SIZE, generator=g) < 0.05] = 255
-        if all_ignore:
-            label[:] = 255
-        image = torch.randint(0, 256, (3, SIZE, SIZE), generator=g).float()
-        batch.append({"image": image, "sem_seg": label, "height": SIZE, "width": SIZE})
-    return batch
-
-
-def build(cfg, seed=0):
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def train_step(model, batch, it=0):
-    model.train()
-    with EventStorage(it) as storage:
-        losses = model(batch)
-        sum(losses.values()).backward()
-    return losses, storage
 
 
 def test_disabled_is_the_detectron2_baseline():

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from reliability_utils import build, make_batch, make_cfg, single_thread  # imports region_contrast
+from conftest import build, make_batch, make_cfg, single_thread  # imports region_contrast
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 

@@ -31,7 +31,7 @@ from region_contrast.engine.checkpoint import AtomicDetectionCheckpointer, atomi
 from region_contrast.data import digit_scenes as ds
 from region_contrast.engine.sampler import ResumableTrainingSampler, SeededMapDataset
 from region_contrast.engine import Trainer
-from reliability_utils import (
+from conftest import (
     BASE_CONFIG,
     REPO,
     load_train_net,

@@ -9,7 +9,7 @@ from PIL import Image
 
 import region_contrast  # noqa: F401
 from region_contrast.data import digit_scenes as ds
-from reliability_utils import tiny_digit_scenes, unregister
+from conftest import tiny_digit_scenes, unregister
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,10 +6,8 @@ import pytest
 import torch
 
 import region_contrast  # noqa: F401
-from reliability_utils import load_train_net  # one copy for every test file
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from conftest import load_train_net, tiny_digit_scenes, unregister
 from detectron2.engine import default_argument_parser
-from region_contrast.data import digit_scenes as ds
 from region_contrast.engine import get_region_contrast_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,12 +18,9 @@ DIGIT_RECIPES = [c for c in CONFIGS if os.sep + "DigitScenes" + os.sep in c]
 @pytest.fixture(scope="module")
 def tiny_scenes(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("d2_datasets"))
-    ds.generate_digit_scenes(root, num_train=16, num_val=4, size=128, seed=1, progress=False)
-    names = ds.register_digit_scenes(root, name_prefix="tiny_digit_scenes")
+    names = tiny_digit_scenes(root, "tiny_digit_scenes", num_train=16, num_val=4, size=128)
     yield names
-    for name in names:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    unregister(names)
 
 
 def tiny_opts(output_dir, max_iter):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import region_contrast  # noqa: F401
-from reliability_utils import build, load_train_net, make_cfg, single_thread, unregister
+from conftest import build, load_train_net, make_cfg, single_thread, unregister
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 from region_contrast.data import digit_scenes as ds

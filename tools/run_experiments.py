@@ -169,7 +169,7 @@ def summarise(records, class_names):
 
 
 def write_markdown(path, summary, class_names, header):
-    lines = [f"# DigitScenes: RegionContrast variants against the baseline", ""]
+    lines = ["# DigitScenes: RegionContrast variants against the baseline", ""]
     lines += header + [""]
     lines += ["| variant | mIoU mean +/- std | runs | mIoU per seed | wall time per run (s) |",
               "|---|---|---|---|---|"]

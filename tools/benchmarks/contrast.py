@@ -215,7 +215,4 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
                           + mem_fast["method"]),
         **agreement,
     }
-    del features, labels, criterion
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result

@@ -1,4 +1,7 @@
-"""Helpers shared by the reliability tests (not collected by pytest: no ``test_`` prefix)."""
+"""
+Helpers shared by the test modules (``from conftest import ...``): the tiny RegionContrast model
+and its batches, a training step, tiny DigitScenes, train_net, comparisons.
+"""
 import contextlib
 import importlib.util
 import os
@@ -19,8 +22,8 @@ NUM_CLASSES = 5
 SIZE = 64
 
 
-def make_cfg(num_classes=NUM_CLASSES, norm=None, crop=SIZE, **rc):
-    """The tiny RegionContrast model of tests/test_meta_arch.py; ``norm`` overrides both norms."""
+def make_cfg(num_classes=NUM_CLASSES, norm=None, crop=SIZE, enabled=True, **rc):
+    """A tiny DeepLabV3+ (ResNet-18) RegionContrast model; ``norm`` overrides both norms."""
     cfg = get_region_contrast_cfg()
     cfg.merge_from_file(BASE_CONFIG)
     cfg.MODEL.DEVICE = "cpu"
@@ -32,7 +35,7 @@ def make_cfg(num_classes=NUM_CLASSES, norm=None, crop=SIZE, **rc):
         cfg.MODEL.RESNETS.NORM = norm
         cfg.MODEL.SEM_SEG_HEAD.NORM = norm
     cfg.INPUT.CROP.SIZE = (crop, crop)
-    cfg.MODEL.REGION_CONTRAST.ENABLED = True
+    cfg.MODEL.REGION_CONTRAST.ENABLED = enabled
     cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 16
     cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 6
     for key, value in rc.items():
