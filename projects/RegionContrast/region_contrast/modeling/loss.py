@@ -5,7 +5,7 @@ For an anchor ``a`` of class ``c`` and temperature ``t``, positives ``P`` are th
 class ``c`` and negatives ``N`` the rows of other classes::
 
     loss(a) = -1/|P| sum_{p in P} log( exp(a.p/t) / (exp(a.p/t) + sum_{n in N} exp(a.n/t)) )
-            =  1/|P| sum_{p in P} ( logaddexp(l_p, L_neg) - l_p ),   L_neg = logsumexp_{n in N} l_n
+            =  1/|P| sum_{p in P} softplus(L_neg - l_p),   L_neg = logsumexp_{n in N} l_n
 
 with ``l = a.m / t``; the result is the mean over anchors with ``|P| >= 1`` and ``|N| >= 1``.
 
@@ -19,6 +19,7 @@ Pure tensor code: no config, no Detectron2, no I/O.
 from typing import Dict, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["region_contrast_loss"]
@@ -28,26 +29,35 @@ DEFAULT_MAX_ELEMENTS = 2**24
 
 
 def _anchor_terms(anchors, anchor_classes, memory, memory_classes, temperature):
-    """
-    Per anchor: its loss (0 where it has no positive or no negative), whether it is valid, and
-    the sums of its positive and of its negative cosines (for logging, no gradient needed).
-    """
-    logits = anchors @ memory.t() / temperature
+    """Per anchor: its loss (0 where it has no positive or no negative) and whether it is valid."""
+    logits = (anchors / temperature) @ memory.t()
     positive = anchor_classes.unsqueeze(1) == memory_classes.unsqueeze(0)
-    num_pos = positive.sum(dim=1)
-    has_neg = num_pos < memory.shape[0]
-    # A row without negatives gets a finite stand-in, so that its (unused) gradient is not NaN.
-    neg_logits = logits.masked_fill(positive | ~has_neg.unsqueeze(1), float("-inf"))
-    neg_logits = torch.where(has_neg.unsqueeze(1), neg_logits, torch.zeros_like(logits))
-    neg_lse = torch.logsumexp(neg_logits, dim=1, keepdim=True)
-    terms = torch.logaddexp(logits, neg_lse) - logits
-    per_anchor = torch.where(positive, terms, 0.0).sum(dim=1) / num_pos.clamp(min=1)
-    valid = (num_pos > 0) & has_neg
-    with torch.no_grad():
-        cosines = logits.detach() * temperature
-        pos_sum = torch.where(positive, cosines, 0.0).sum()
-        neg_sum = cosines.sum() - pos_sum
-    return torch.where(valid, per_anchor, 0.0), valid, pos_sum, neg_sum, num_pos.sum()
+    # Positives are left out of the negatives' log-sum-exp with the most negative finite value
+    # rather than -inf: a row without negatives then gets a finite (unused) result and gradient.
+    neg_lse = torch.logsumexp(logits.masked_fill(positive, torch.finfo(logits.dtype).min), dim=1)
+    # -log(e^l / (e^l + e^L)) = softplus(L - l), for the (anchor, positive) pairs only.
+    rows, cols = positive.nonzero(as_tuple=True)
+    terms = F.softplus(neg_lse[rows] - logits[rows, cols])
+    num_pos = torch.bincount(rows, minlength=anchors.shape[0])
+    per_anchor = torch.zeros_like(neg_lse).index_add(0, rows, terms) / num_pos.clamp(min=1)
+    valid = (num_pos > 0) & (num_pos < memory.shape[0])
+    return torch.where(valid, per_anchor, 0.0), valid
+
+
+def _mean_cosines(anchors, anchor_classes, memory, memory_classes):
+    """
+    Mean cosine over all anchor-positive and all anchor-negative pairs (NaN when there is no
+    pair of a kind), from the memory's per-class sums: sum_p a.p = a . (sum of class c's rows).
+    """
+    num_classes = int(max(anchor_classes.max(), memory_classes.max())) + 1
+    class_sums = memory.new_zeros(num_classes, memory.shape[1]).index_add_(0, memory_classes,
+                                                                          memory)
+    class_counts = torch.bincount(memory_classes, minlength=num_classes)
+    pos_sum = (anchors * class_sums[anchor_classes]).sum()
+    all_sum = (anchors @ class_sums.sum(dim=0)).sum()
+    num_pos = class_counts[anchor_classes].sum()
+    num_neg = anchors.shape[0] * memory.shape[0] - num_pos
+    return pos_sum / num_pos, (all_sum - pos_sum) / num_neg
 
 
 def region_contrast_loss(
@@ -106,24 +116,18 @@ def region_contrast_loss(
                 parts.append(checkpoint(_anchor_terms, *args, use_reentrant=False))
             else:
                 parts.append(_anchor_terms(*args))
-        if not parts:  # no anchor
-            loss = a.sum() * 0.0
-            nan = torch.full((), float("nan"), dtype=dtype, device=a.device)
-            stats = {"pos_cos": nan, "neg_cos": nan.clone(),
-                     "num_valid": torch.zeros((), dtype=torch.long, device=a.device)}
-            return (loss, stats) if return_stats else loss
-        per_anchor, valid, pos_sum, neg_sum, num_pos = (
-            torch.cat(v) if v[0].dim() else torch.stack(v).sum() for v in zip(*parts)
-        )
+        if parts:
+            per_anchor, valid = (torch.cat(v) for v in zip(*parts))
+        else:  # no anchor
+            per_anchor, valid = a.sum(dim=1), a.new_zeros(0, dtype=torch.bool)
         num_valid = valid.sum()
         # With no valid anchor this is 0 * (a sum over the anchors): still in the graph for DDP.
         loss = per_anchor.sum() / num_valid.clamp(min=1)
-    if not return_stats:
-        return loss
-    num_neg = a.shape[0] * m.shape[0] - num_pos
-    stats = {
-        "pos_cos": (pos_sum / num_pos).detach(),  # 0/0 = NaN: no pair of that kind
-        "neg_cos": (neg_sum / num_neg).detach(),
-        "num_valid": num_valid,
-    }
-    return loss, stats
+        if not return_stats:
+            return loss
+        with torch.no_grad():
+            if a.shape[0] and m.shape[0]:
+                pos_cos, neg_cos = _mean_cosines(a, a_cls, m, m_cls)
+            else:
+                pos_cos = neg_cos = torch.full((), float("nan"), dtype=dtype, device=a.device)
+    return loss, {"pos_cos": pos_cos, "neg_cos": neg_cos, "num_valid": num_valid}

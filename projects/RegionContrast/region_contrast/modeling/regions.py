@@ -105,17 +105,20 @@ def pool_regions(features: torch.Tensor, region_id: torch.Tensor, num_regions: i
             (:func:`region_pixel_index`, or a subset of its pixels).
         num_regions: R. A region without pixels gets a zero row.
     """
-    d = features.shape[1]
-    flat = features.permute(0, 2, 3, 1).reshape(-1, d).to(_accumulation_dtype(features.dtype))
-    if region_id.shape != (flat.shape[0],):
+    n, d = features.shape[:2]
+    # (N, D, H*W) is the feature map's own layout: no transposed copy, forwards or backwards.
+    flat = features.reshape(n, d, -1).to(_accumulation_dtype(features.dtype))
+    if region_id.shape != (flat.shape[0] * flat.shape[2],):
         raise ValueError(
-            f"region_id must have one entry per pixel ({flat.shape[0]}), got "
+            f"region_id must have one entry per pixel ({flat.shape[0] * flat.shape[2]}), got "
             f"{tuple(region_id.shape)}"
         )
-    # Pixels of no region are summed into one extra row, which is dropped.
-    index = torch.where(region_id >= 0, region_id, num_regions)
-    sums = flat.new_zeros(num_regions + 1, d).index_add(0, index, flat)[:num_regions]
-    counts = torch.bincount(index, minlength=num_regions + 1)[:num_regions]
+    # Pixels of no region are summed into one extra column, which is dropped. A region lies in
+    # one image, so summing the images' columns adds only zeros to it.
+    index = torch.where(region_id >= 0, region_id, num_regions).view(n, 1, -1)
+    sums = flat.new_zeros(n, d, num_regions + 1).scatter_add(2, index.expand(n, d, -1), flat)
+    sums = sums.sum(dim=0)[:, :num_regions].t()
+    counts = torch.bincount(index.view(-1), minlength=num_regions + 1)[:num_regions]
     return sums / counts.clamp(min=1).unsqueeze(1).to(flat.dtype)
 
 
