@@ -43,7 +43,7 @@ def test_all_sections_present(report):
                 "gpu", "targets", "table"):
         assert key in r, key
     m = r["machine"]
-    for key in ("cpu_model", "cpu_cores", "torch_version", "device", "device_name"):
+    for key in ("commit", "cpu_model", "cpu_cores", "torch_version", "device", "device_name"):
         assert m[key], key
     assert m["device"] == "cpu" and r["gpu"] is None
     load = r["load_average"]

@@ -118,12 +118,22 @@ def train_one(train_net, variant, seed, argv):
     return record
 
 
-def machine_description():
-    # The benchmark package sits beside this script; its CPU model reader serves both.
+def _benchmark_machine():
+    # The benchmark package sits beside this script; its machine readers serve both.
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
-    from benchmarks.machine import cpu_model
+    from benchmarks import machine
+
+    return machine
+
+
+def commit_description():
+    return _benchmark_machine().commit_description()
+
+
+def machine_description():
+    cpu_model = _benchmark_machine().cpu_model
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
@@ -131,21 +141,6 @@ def machine_description():
         f"{cpu_model()}, {cores} cores, {device}, Python {platform.python_version()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-
-
-def commit_description():
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return rev + (" with uncommitted changes" if dirty else "")
 
 
 def summarise(records, class_names):

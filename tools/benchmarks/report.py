@@ -27,7 +27,8 @@ def _finite(obj):
 def format_report(r):
     lines = []
     m = r["machine"]
-    lines.append(f"machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch_version']}, "
+    lines.append(f"commit {m['commit']}; machine: {m['cpu_model']}, {m['cpu_cores']} cores, "
+                 f"torch {m['torch_version']}, "
                  f"device {m['device']} ({m['device_name']}), {r['threads']['torch_threads']} "
                  f"torch threads; load average "
                  f"{' '.join(f'{x:.2f}' for x in r['load_average']['before'] or [])} -> "
