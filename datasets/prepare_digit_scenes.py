@@ -3,7 +3,7 @@
 Generates the DigitScenes semantic-segmentation data set under $DETECTRON2_DATASETS/digit_scenes
 (default ./datasets/digit_scenes). Resumable and idempotent; see region_contrast.data.digit_scenes.
 
-    python datasets/prepare_digit_scenes.py [--num-train 2000] [--num-val 500]
+    python datasets/prepare_digit_scenes.py [--num-train 2000] [--num-val 500] [--num-test 500]
                                             [--size 128] [--seed 0]
 """
 import argparse
@@ -19,6 +19,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=500)
+    parser.add_argument("--num-test", type=int, default=500)
     parser.add_argument("--size", type=int, default=128, help="side of the square scenes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -27,7 +28,8 @@ def main():
     start = time.perf_counter()
     try:
         out = digit_scenes.generate_digit_scenes(
-            root, num_train=args.num_train, num_val=args.num_val, size=args.size, seed=args.seed
+            root, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
+            size=args.size, seed=args.seed,
         )
     except digit_scenes.DigitScenesMismatchError as e:
         sys.exit(f"error: {e}")

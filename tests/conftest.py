@@ -72,10 +72,11 @@ def train_step(model, batch, it=0):
     return losses, storage
 
 
-def tiny_digit_scenes(root, prefix, *, num_train=8, num_val=2, size=64, seed=1):
-    """Generates and registers ``<prefix>_train`` / ``<prefix>_val``; returns the names."""
+def tiny_digit_scenes(root, prefix, *, num_train=8, num_val=2, num_test=2, size=64, seed=1):
+    """Generates and registers ``<prefix>_{train,val,test}``; returns the names."""
     ds.generate_digit_scenes(
-        root, num_train=num_train, num_val=num_val, size=size, seed=seed, progress=False
+        root, num_train=num_train, num_val=num_val, num_test=num_test, size=size, seed=seed,
+        progress=False,
     )
     return ds.register_digit_scenes(root, name_prefix=prefix)
 

@@ -10,7 +10,7 @@ from region_contrast.data import digit_scenes as ds
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-ARGS = dict(num_train=12, num_val=6, size=64, seed=3, progress=False)
+ARGS = dict(num_train=12, num_val=6, num_test=5, size=64, seed=3, progress=False)
 
 
 def _generate(root, **overrides):
@@ -50,10 +50,12 @@ def test_mnist_and_split(mnist):
     assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (5000,) and labels.dtype == np.int64
     split = ds.split_digit_indices(labels)
-    assert not set(split["train"]) & set(split["val"])
-    assert len(split["train"]) + len(split["val"]) == 5000
+    parts = [set(split[s].tolist()) for s in ("train", "val", "test")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert sum(len(p) for p in parts) == 5000
     assert np.bincount(labels[split["train"]]).tolist() == [400] * 10
-    assert np.bincount(labels[split["val"]]).tolist() == [100] * 10
+    assert np.bincount(labels[split["val"]]).tolist() == [50] * 10
+    assert np.bincount(labels[split["test"]]).tolist() == [50] * 10
     again = ds.split_digit_indices(labels)
     assert all(np.array_equal(split[k], again[k]) for k in split)
 
@@ -63,7 +65,7 @@ def test_layout_and_labels(generated, mnist):
     assert os.path.isfile(os.path.join(generated, "manifest.json"))
     assert not os.path.exists(os.path.join(generated, "generation.json"))
     bg_fractions = []
-    for split, n in (("train", 12), ("val", 6)):
+    for split, n in (("train", 12), ("val", 6), ("test", 5)):
         pairs = _scene_paths(generated, split)
         assert len(pairs) == n
         rows = json.load(open(os.path.join(generated, f"digits_{split}.json")))
@@ -84,16 +86,17 @@ def test_layout_and_labels(generated, mnist):
     assert min(bg_fractions) > 0.3
 
 
-def test_train_val_digits_disjoint(generated, mnist):
+def test_train_val_test_digits_disjoint(generated, mnist):
     _, labels = mnist
     split = ds.split_digit_indices(labels)
     used = {}
     for s in ds.SPLITS:
         with open(os.path.join(generated, f"digits_{s}.json")) as f:
             used[s] = {r for scene in json.load(f) for r in scene}
-    assert not used["train"] & used["val"]
-    assert used["train"] <= set(split["train"].tolist())
-    assert used["val"] <= set(split["val"].tolist())
+    assert not (used["train"] & used["val"] or used["train"] & used["test"]
+                or used["val"] & used["test"])
+    for s in ds.SPLITS:
+        assert used[s] <= set(split[s].tolist())
 
 
 def test_deterministic(generated, tmp_path):
@@ -156,10 +159,11 @@ def test_registration_loads(generated):
     root = os.path.dirname(generated)
     names = ds.register_digit_scenes(root, name_prefix="test_digit_scenes")
     try:
-        assert names == ["test_digit_scenes_train", "test_digit_scenes_val"]
+        assert names == ["test_digit_scenes_train", "test_digit_scenes_val",
+                         "test_digit_scenes_test"]
         # Registering again (e.g. re-import) replaces instead of failing.
         ds.register_digit_scenes(root, name_prefix="test_digit_scenes")
-        for name, n in zip(names, (12, 6)):
+        for name, n in zip(names, (12, 6, 5)):
             dicts = DatasetCatalog.get(name)
             assert len(dicts) == n
             for d in dicts:
@@ -175,7 +179,8 @@ def test_registration_loads(generated):
 
 
 def test_default_names_registered():
-    assert {"digit_scenes_train", "digit_scenes_val"} <= set(DatasetCatalog.list())
+    assert {"digit_scenes_train", "digit_scenes_val", "digit_scenes_test"} <= set(
+        DatasetCatalog.list())
     assert MetadataCatalog.get("digit_scenes_val").stuff_classes == ds.DIGIT_SCENES_CLASSES
 
 

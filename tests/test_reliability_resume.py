@@ -297,10 +297,11 @@ def test_prepare_script_killed_midway_then_rerun_is_complete(tmp_path):
     # tests/test_digit_scenes.py simulates an interruption by deleting files; here a real
     # process is killed with SIGKILL (no cleanup, no finally) while it writes scenes.
     killed, reference = tmp_path / "killed", tmp_path / "reference"
-    args = dict(num_train=150, num_val=30, size=48, seed=5)
+    args = dict(num_train=150, num_val=30, num_test=10, size=48, seed=5)
     command = [
         sys.executable, os.path.join(REPO, "datasets", "prepare_digit_scenes.py"),
-        "--num-train", "150", "--num-val", "30", "--size", "48", "--seed", "5",
+        "--num-train", "150", "--num-val", "30", "--num-test", "10", "--size", "48",
+        "--seed", "5",
     ]
     env = {**os.environ, "DETECTRON2_DATASETS": str(killed)}
     images = killed / "digit_scenes" / "images" / "train"

@@ -30,52 +30,83 @@ def tiny_scenes(tmp_path_factory):
     unregister(names)
 
 
-def argv(tmp_path, seeds=("0", "1"), variants=("baseline", "region"), extra_opts=()):
+def argv(tmp_path, stage="screen", seeds=("0", "1"), settings=("baseline", "region"),
+         extra_opts=()):
     return [
-        "--quick", "--seeds", *seeds, "--variants", *variants,
-        "--output-dir", str(tmp_path / "runs"), "--results", str(tmp_path / "digit_scenes"),
-        "--opts", "DATASETS.TRAIN", "('exp_digit_scenes_train',)",
-        "DATASETS.TEST", "('exp_digit_scenes_val',)", *extra_opts,
+        "--quick", "--stage", stage, "--seeds", *seeds, "--settings", *settings,
+        "--records", str(tmp_path / "records"), "--output-dir", str(tmp_path / "runs"),
+        "--results", str(tmp_path / "study"), "--data-prefix", "exp_digit_scenes",
+        "--opts", *extra_opts,
     ]
 
 
-def test_quick_runs_write_table_and_plot_and_resume(tmp_path, tiny_scenes):
+def test_quick_runs_write_records_tables_and_plot_and_resume(tmp_path, tiny_scenes):
     tool = load_tool()
-    summary = tool.main(argv(tmp_path))
+    summary = tool.main(argv(tmp_path))["screen"]
 
     records = {}
-    for variant in ("baseline", "region"):
+    for setting in ("baseline", "region"):
         for seed in (0, 1):
-            with open(tmp_path / "runs" / f"{variant}_seed{seed}" / "run.json") as f:
-                records[variant, seed] = json.load(f)
-    # The region-contrast runs really trained with the bank; the baseline without one.
-    assert "MODEL.REGION_CONTRAST.ENABLED" not in " ".join(records["region", 0]["argv"])
-    for variant in ("baseline", "region"):
-        mious = [records[variant, s]["sem_seg"]["mIoU"] for s in (0, 1)]
-        mean, std, n = summary[variant]["miou"]
+            with open(tmp_path / "records" / "screen" / f"{setting}_seed{seed}.json") as f:
+                records[setting, seed] = json.load(f)
+    record = records["region", 0]
+    assert record["evaluated_on"] == "exp_digit_scenes_val" and record["commit"]
+    for key in ("foreground_as_other_foreground", "foreground_as_background", "ncm_accuracy",
+                "scatter_ratio"):
+        assert key in record["diagnostics"], key
+    fractions = record["diagnostics"]
+    assert 0 <= fractions["foreground_as_other_foreground"] + fractions[
+        "foreground_as_background"] <= 1
+    for setting in ("baseline", "region"):
+        mious = [records[setting, s]["sem_seg"]["mIoU"] for s in (0, 1)]
+        mean, std, n = summary[setting]["miou"]
         assert n == 2
         assert mean == pytest.approx(np.mean(mious)) and std == pytest.approx(np.std(mious))
 
-    table = (tmp_path / "digit_scenes.md").read_text()
-    for variant in ("baseline", "region"):
-        mean, std, _ = summary[variant]["miou"]
-        assert f"| {variant} | {mean:.1f} +/- {std:.1f} | 2 |" in table
+    table = (tmp_path / "study.md").read_text()
+    assert "## Screen (exp_digit_scenes_val)" in table
+    for setting in ("baseline", "region"):
+        mean, std, _ = summary[setting]["miou"]
+        assert f"| {setting} | demo | {mean:.1f} +/- {std:.1f} |" in table
     for name in ds.DIGIT_SCENES_CLASSES:
         assert f"| {name} |" in table
-    assert "Commit of the runs:" in table and "Machine:" in table
+    assert "Commits of the runs:" in table and "Machine" in table
 
-    plot = np.asarray(Image.open(tmp_path / "digit_scenes.png").convert("RGB"))
-    assert plot.shape == (400, 600, 3)
+    plot = np.asarray(Image.open(tmp_path / "study.png").convert("RGB"))
     assert plot.std() > 10 and len(np.unique(plot.reshape(-1, 3), axis=0)) > 10
 
     # A second call trains nothing: the finished runs are read back unchanged.
-    done = tmp_path / "runs" / "baseline_seed0" / "run.json"
+    done = tmp_path / "records" / "screen" / "baseline_seed0.json"
     stamp = os.stat(done).st_mtime_ns
-    again = tool.main(argv(tmp_path))
+    again = tool.main(argv(tmp_path))["screen"]
     assert os.stat(done).st_mtime_ns == stamp
     assert again["baseline"]["miou"] == summary["baseline"]["miou"]
 
-    # Other arguments for the same folder: that run is trained again, not silently reused.
-    tool.main(argv(tmp_path, ("0",), ("baseline",), ("SOLVER.BASE_LR", "0.001")))
+    # Other arguments for the same run: it is trained again, not silently reused.
+    tool.main(argv(tmp_path, seeds=("0",), settings=("baseline",),
+                   extra_opts=("SOLVER.BASE_LR", "0.001")))
     with open(done) as f:
         assert "SOLVER.BASE_LR" in json.load(f)["argv"]
+
+
+def test_confirmation_takes_the_best_settings_by_val_and_their_regimes_baselines():
+    tool = load_tool()
+
+    def record(setting, miou):
+        return {"setting": setting, "sem_seg": {"mIoU": miou}}
+
+    screen = [record("baseline", 60.0), record("region", 61.0), record("weight_0.5", 62.0),
+              record("region_long", 65.0), record("baseline_long", 70.0)]
+    assert tool.choose_for_confirmation(screen) == [
+        "baseline", "baseline_long", "region_long", "weight_0.5"]
+
+
+def test_few_scenes_regime_trains_on_a_prefix_of_the_training_set(tiny_scenes):
+    from detectron2.data import DatasetCatalog
+
+    tool = load_tool()
+    name = tool.register_few_scenes("exp_digit_scenes_train")
+    assert DatasetCatalog.get(name) == DatasetCatalog.get("exp_digit_scenes_train")[:250]
+    argv_ = tool.run_argv("region_few", 0, "out", {"train": "exp_digit_scenes_train",
+                                                   "eval": "exp_digit_scenes_val"}, [])
+    assert argv_[argv_.index("DATASETS.TRAIN") + 1] == f"('{name}',)"

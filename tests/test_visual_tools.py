@@ -65,7 +65,8 @@ def assert_picture(path, size=None):
 def trained(tmp_path_factory):
     """3 RegionContrast iterations (contrast on from the start), evaluated every 2."""
     root = str(tmp_path_factory.mktemp("vis_datasets"))
-    ds.generate_digit_scenes(root, num_train=16, num_val=4, size=128, seed=1, progress=False)
+    ds.generate_digit_scenes(root, num_train=16, num_val=4, num_test=2, size=128, seed=1,
+                             progress=False)
     names = ds.register_digit_scenes(root, name_prefix=PREFIX)
     out = tmp_path_factory.mktemp("vis_train")
     opts = [

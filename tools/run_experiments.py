@@ -1,23 +1,26 @@
 #!/usr/bin/env python
 """
-Trains the DigitScenes variants over several seeds and writes what they reach.
+The DigitScenes study: where does region contrast help, and by how much? (``make results``)
 
-    python tools/run_experiments.py                    # 4 variants x 3 seeds, the demo schedule
-    python tools/run_experiments.py --seeds 0 1 --variants baseline region
-    python tools/run_experiments.py --quick            # seconds: tiny schedule, for the tests
+    python tools/run_experiments.py                       # screen, then confirmation
+    python tools/run_experiments.py --stage screen        # only the screen
+    python tools/run_experiments.py --stage screen --settings baseline region weight_0.5
+    python tools/run_experiments.py --quick ...           # seconds per run, for the tests
 
-Variants (each the DigitScenes recipe of the demo, differing only in the keys shown):
-  baseline  MODEL.REGION_CONTRAST.ENABLED False (the plain DeepLabV3+ recipe)
-  region    region anchors (the paper)
-  pixel     pixel anchors (ANCHORS "pixel")
-  dynamic   region anchors plus dynamic sampling (DYNAMIC_SAMPLES 2)
+Stages:
+  screen        every setting of SETTINGS, seed 0, evaluated on ``digit_scenes_val``;
+  confirmation  the best one or two RegionContrast settings of the screen (by val mIoU, never
+                by a test score) and the baseline of the same regime, seeds 0, 1, 2, evaluated
+                on ``digit_scenes_test``.
 
-Each run is ``train_net.py``'s own ``main`` with ``SEED`` and ``OUTPUT_DIR`` set, run in this
-process one after the other; its final evaluation is read back from the evaluator's
-``sem_seg_evaluation.pth``, so a run already complete is not trained again (re-running after an
-interruption finishes the missing ones). Writes ``<out>.md`` (mIoU mean +/- std per variant,
-per-class IoU, wall time of every run, the commit and the machine) and ``<out>.png`` (bars with
-error bars), by default ``results/digit_scenes.{md,png}``.
+Each run is ``train_net.py``'s own ``main`` in this process, followed by diagnostics on the
+evaluated split (:mod:`region_contrast.evaluation.diagnostics`: digit pixels predicted as another
+digit or as background, nearest-class-mean accuracy and between/within scatter of the region
+centres the classifier reads). Its record (metrics, per-class IoU, diagnostics, seed, commit,
+machine, wall time) is written to ``<records>/<stage>/<setting>_seed<k>.json``, by default under
+``results/digit_scenes_study/``, which is committed: a study interrupted in one session continues
+in the next, and a finished run is never trained again. Checkpoints go to ``--output-dir``.
+Writes ``<results>.md`` (tables) and ``<results>.png`` (mIoU per setting, seeds as dots).
 """
 import argparse
 import datetime
@@ -25,7 +28,6 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -38,19 +40,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "DigitScenes")
 BASELINE = "deeplab_v3_plus_R_18_os32_digit_scenes_1500_bs8.yaml"
 REGION_CONTRAST = "deeplab_v3_plus_R_18_os32_region_contrast_digit_scenes_1500_bs8.yaml"
+RC = "MODEL.REGION_CONTRAST."
+FEW_SCENES = 250  # training scenes of the "few" regime
+LONG_ITERS = "4500"  # the "long" regime: three times the demo schedule
 
-# name -> (recipe, overrides); every variant but the baseline is the demo's recipe.
-VARIANTS = {
-    "baseline": (BASELINE, []),
-    "region": (REGION_CONTRAST, []),
-    "pixel": (REGION_CONTRAST, ["MODEL.REGION_CONTRAST.ANCHORS", "pixel"]),
-    "dynamic": (REGION_CONTRAST, ["MODEL.REGION_CONTRAST.DYNAMIC_SAMPLES", "2"]),
+# name -> (regime, recipe, overrides). The demo regime is the demo's schedule and data; "long"
+# trains three times as long; "few" trains on the first FEW_SCENES training scenes.
+SETTINGS = {
+    "baseline": ("demo", BASELINE, []),
+    "region": ("demo", REGION_CONTRAST, []),
+    "weight_0.5": ("demo", REGION_CONTRAST, [RC + "LOSS_WEIGHT", "0.5"]),
+    "weight_1.0": ("demo", REGION_CONTRAST, [RC + "LOSS_WEIGHT", "1.0"]),
+    "temperature_0.2": ("demo", REGION_CONTRAST, [RC + "TEMPERATURE", "0.2"]),
+    "no_projection": ("demo", REGION_CONTRAST, [RC + "PROJ_DIM", "0"]),
+    "bank_200": ("demo", REGION_CONTRAST, [RC + "MEMORY_SIZE", "200"]),
+    "bank_3000": ("demo", REGION_CONTRAST, [RC + "MEMORY_SIZE", "3000"]),
+    "pixel_anchors": ("demo", REGION_CONTRAST, [RC + "ANCHORS", "pixel"]),
+    "baseline_long": ("long", BASELINE, ["SOLVER.MAX_ITER", LONG_ITERS]),
+    "region_long": ("long", REGION_CONTRAST, ["SOLVER.MAX_ITER", LONG_ITERS]),
+    "baseline_few": ("few", BASELINE, []),
+    "region_few": ("few", REGION_CONTRAST, []),
 }
+BASELINE_OF_REGIME = {"demo": "baseline", "long": "baseline_long", "few": "baseline_few"}
 # A schedule that exercises every code path in seconds (the numbers mean nothing).
 QUICK_OPTS = [
     "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.IMS_PER_BATCH", "2",
-    "MODEL.REGION_CONTRAST.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0",
+    RC + "WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0",
 ]
+STAGES = {"screen": ("val", [0]), "confirmation": ("test", [0, 1, 2])}
 
 
 def load_train_net():
@@ -58,64 +75,6 @@ def load_train_net():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def run_dir(root, variant, seed):
-    return os.path.join(root, f"{variant}_seed{seed}")
-
-
-def run_argv(variant, seed, output_dir, extra_opts):
-    """``train_net.py``'s arguments for one run."""
-    recipe, overrides = VARIANTS[variant]
-    return [
-        "--config-file", os.path.join(CONFIG_DIR, recipe),
-        *overrides, "SEED", str(seed), "OUTPUT_DIR", output_dir, *extra_opts,
-    ]
-
-
-def read_result(output_dir, argv):
-    """
-    The record of a finished run with these arguments, or None: never run, interrupted, or run
-    with other arguments (say, ``--quick`` into the same folder), which is then trained again.
-    """
-    done = os.path.join(output_dir, "run.json")
-    if not os.path.isfile(done):
-        return None
-    with open(done) as f:
-        record = json.load(f)
-    if record.get("argv") != argv:
-        print(f"{done} was written by another command ({' '.join(record.get('argv', []))}); "
-              "training again.", flush=True)
-        return None
-    return record
-
-
-def train_one(train_net, variant, seed, argv):
-    """Trains and evaluates one run through ``train_net.main``; returns its record."""
-    from detectron2.engine import default_argument_parser
-
-    output_dir = argv[argv.index("OUTPUT_DIR") + 1]
-    args = default_argument_parser().parse_args(argv)
-    start = time.perf_counter()
-    results = train_net.main(args)
-    wall = time.perf_counter() - start
-    if not results or "sem_seg" not in results:
-        raise RuntimeError(
-            f"Run {variant} seed {seed} ({output_dir}) finished without a sem_seg evaluation; "
-            "expected DATASETS.TEST to name a DigitScenes split."
-        )
-    record = {
-        "variant": variant,
-        "seed": seed,
-        "commit": commit_description(),
-        "wall_s": wall,
-        "argv": argv,
-        "sem_seg": {k: float(v) for k, v in results["sem_seg"].items()},
-    }
-    # Written last: its presence means the run is complete.
-    atomic_write(os.path.join(output_dir, "run.json"), lambda f: json.dump(record, f, indent=1),
-                 mode="w")
-    return record
 
 
 def _benchmark_machine():
@@ -128,79 +87,193 @@ def _benchmark_machine():
     return machine
 
 
-def commit_description():
-    return _benchmark_machine().commit_description()
-
-
 def machine_description():
-    cpu_model = _benchmark_machine().cpu_model
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return (
-        f"{cpu_model()}, {cores} cores, {device}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    return (f"{_benchmark_machine().cpu_model()}, {cores} cores, {device}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
 
 
-def summarise(records, class_names):
-    """{variant: {"miou": (mean, std, n), "per_class": {name: (mean, std)}, "wall": [...]}}."""
+def register_few_scenes(train_set):
+    """``<train_set>_<FEW_SCENES>``: the first FEW_SCENES scenes of ``train_set``."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = f"{train_set}_{FEW_SCENES}"
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: DatasetCatalog.get(train_set)[:FEW_SCENES])
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    metadata = MetadataCatalog.get(train_set).as_dict()
+    metadata.pop("name", None)
+    MetadataCatalog.get(name).set(**metadata)
+    return name
+
+
+def run_argv(setting, seed, output_dir, sets, extra_opts):
+    """``train_net.py``'s arguments for one run; ``sets`` = {"train", "eval"} data set names."""
+    regime, recipe, overrides = SETTINGS[setting]
+    train = f"{sets['train']}_{FEW_SCENES}" if regime == "few" else sets["train"]
+    return [
+        "--config-file", os.path.join(CONFIG_DIR, recipe), *overrides,
+        "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{sets['eval']}',)",
+        "SEED", str(seed), "OUTPUT_DIR", output_dir, *extra_opts,
+    ]
+
+
+def read_record(path, argv):
+    """The record of a finished run with these arguments, or None (never run, or other ones)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("argv") != argv:
+        print(f"{path} was written by another command ({' '.join(record.get('argv', []))}); "
+              "training again.", flush=True)
+        return None
+    return record
+
+
+def train_one(train_net, setting, seed, stage, argv, record_path):
+    """Trains, evaluates and diagnoses one run; writes and returns its record."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.engine import default_argument_parser
+    from region_contrast.data.mapper import ValidatingDatasetMapper
+    from region_contrast.engine import Trainer, fall_back_to_cpu, get_region_contrast_cfg
+    from region_contrast.evaluation.diagnostics import feature_diagnostics
+
+    args = default_argument_parser().parse_args(argv)
+    start = time.perf_counter()
+    results = train_net.main(args)
+    wall = time.perf_counter() - start
+    if not results or "sem_seg" not in results:
+        raise RuntimeError(f"Run {setting} seed {seed} finished without a sem_seg evaluation.")
+    cfg = get_region_contrast_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    fall_back_to_cpu(cfg)
+    cfg.freeze()
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+    mapper = ValidatingDatasetMapper(cfg, is_train=True, augmentations=[])
+    diagnostics = feature_diagnostics(model, DatasetCatalog.get(cfg.DATASETS.TEST[0]), mapper)
+    record = {
+        "setting": setting,
+        "regime": SETTINGS[setting][0],
+        "stage": stage,
+        "seed": seed,
+        "evaluated_on": cfg.DATASETS.TEST[0],
+        "commit": _benchmark_machine().commit_description(),
+        "machine": machine_description(),
+        "date": datetime.date.today().isoformat(),
+        "wall_s": wall,
+        "argv": argv,
+        "sem_seg": {k: float(v) for k, v in results["sem_seg"].items()},
+        "diagnostics": diagnostics,
+    }
+    os.makedirs(os.path.dirname(record_path), exist_ok=True)
+    atomic_write(record_path, lambda f: json.dump(record, f, indent=1), mode="w")
+    return record
+
+
+def run_stage(train_net, stage, settings, seeds, args, sets, extra):
+    records = []
+    todo = [(s, k) for s in settings for k in seeds]
+    for i, (setting, seed) in enumerate(todo, 1):
+        out = os.path.join(args.output_dir, stage, f"{setting}_seed{seed}")
+        path = os.path.join(args.records, stage, f"{setting}_seed{seed}.json")
+        argv = run_argv(setting, seed, out, sets, extra)
+        record = read_record(path, argv)
+        if record is None:
+            print(f"[{stage} {i}/{len(todo)}] training {setting}, seed {seed} -> {out}",
+                  flush=True)
+            os.makedirs(out, exist_ok=True)
+            record = train_one(train_net, setting, seed, stage, argv, path)
+        print(f"[{stage} {i}/{len(todo)}] {setting}, seed {seed}: mIoU "
+              f"{record['sem_seg']['mIoU']:.2f}", flush=True)
+        records.append(record)
+    return records
+
+
+def choose_for_confirmation(screen, count=2):
+    """The ``count`` best RegionContrast settings by val mIoU, each with its regime's baseline."""
+    rc = sorted((r for r in screen if not r["setting"].startswith("baseline")),
+                key=lambda r: -r["sem_seg"]["mIoU"])[:count]
+    chosen = [r["setting"] for r in rc]
+    for regime in dict.fromkeys(SETTINGS[s][0] for s in chosen):
+        chosen.insert(0, BASELINE_OF_REGIME[regime])
+    return list(dict.fromkeys(chosen))
+
+
+def summarise(records):
+    """{setting: {"miou": (mean, std, n), "per_class": {...}, "diagnostics": {...}, "runs"}}."""
     out = {}
-    for variant in VARIANTS:
-        runs = [r for r in records if r["variant"] == variant]
-        if not runs:
-            continue
+    for setting in dict.fromkeys(r["setting"] for r in records):
+        runs = sorted((r for r in records if r["setting"] == setting), key=lambda r: r["seed"])
         miou = np.array([r["sem_seg"]["mIoU"] for r in runs])
-        per_class = {}
-        for name in class_names:
-            values = np.array([r["sem_seg"].get(f"IoU-{name}", np.nan) for r in runs])
-            per_class[name] = (float(np.nanmean(values)), float(np.nanstd(values)))
-        out[variant] = {
+        names = [k[4:] for k in runs[0]["sem_seg"] if k.startswith("IoU-")]
+        out[setting] = {
             "miou": (float(miou.mean()), float(miou.std()), len(runs)),
-            "per_class": per_class,
-            "runs": sorted(runs, key=lambda r: r["seed"]),
+            "per_class": {n: float(np.mean([r["sem_seg"][f"IoU-{n}"] for r in runs]))
+                          for n in names},
+            "diagnostics": {k: float(np.mean([r["diagnostics"][k] for r in runs]))
+                            for k in runs[0]["diagnostics"]},
+            "runs": runs,
         }
     return out
 
 
-def write_markdown(path, summary, class_names, header):
-    lines = ["# DigitScenes: RegionContrast variants against the baseline", ""]
-    lines += header + [""]
-    lines += ["| variant | mIoU mean +/- std | runs | mIoU per seed | wall time per run (s) |",
-              "|---|---|---|---|---|"]
-    for variant, s in summary.items():
+def table(title, summary):
+    """A stage's table; "vs baseline" is against the baseline of the setting's regime."""
+    lines = [f"## {title}", "",
+             "| setting | regime | mIoU mean +/- std | vs baseline | runs (mIoU per seed) | "
+             "digit as other digit | digit as background | NCM accuracy | scatter ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for setting, s in summary.items():
         mean, std, n = s["miou"]
-        seeds = ", ".join(f"{r['seed']}: {r['sem_seg']['mIoU']:.1f}" for r in s["runs"])
-        walls = ", ".join(f"{r['wall_s']:.0f}" for r in s["runs"])
-        lines.append(f"| {variant} | {mean:.1f} +/- {std:.1f} | {n} | {seeds} | {walls} |")
-    lines += ["", "Per-class IoU (mean +/- std over seeds):", ""]
-    lines.append("| class | " + " | ".join(summary) + " |")
-    lines.append("|---|" + "---|" * len(summary))
-    for name in class_names:
-        cells = [f"{s['per_class'][name][0]:.1f} +/- {s['per_class'][name][1]:.1f}"
-                 for s in summary.values()]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    atomic_write(path, lambda f: f.write("\n".join(lines)), mode="w")
+        d = s["diagnostics"]
+        seeds = ", ".join(f"{r['sem_seg']['mIoU']:.1f}" for r in s["runs"])
+        base = summary.get(BASELINE_OF_REGIME[SETTINGS[setting][0]], {}).get("miou", [np.nan])[0]
+        lines.append(
+            f"| {setting} | {SETTINGS[setting][0]} | {mean:.1f} +/- {std:.1f} | "
+            f"{mean - base:+.1f} | {n} ({seeds}) | "
+            f"{100 * d['foreground_as_other_foreground']:.1f}% | "
+            f"{100 * d['foreground_as_background']:.1f}% | {100 * d['ncm_accuracy']:.1f}% | "
+            f"{d['scatter_ratio']:.2f} |")
+    names = list(next(iter(summary.values()))["per_class"])
+    lines += ["", "Per-class IoU (mean over seeds):", "",
+              "| class | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
+    for name in names:
+        lines.append(f"| {name} | " + " | ".join(f"{s['per_class'][name]:.1f}"
+                                               for s in summary.values()) + " |")
+    return lines + [""]
 
 
-def write_plot(path, summary, title):
+def write_plot(path, stages):
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    names = list(summary)
-    means = [summary[v]["miou"][0] for v in names]
-    stds = [summary[v]["miou"][1] for v in names]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    bars = ax.bar(names, means, yerr=stds, capsize=6, color=["#888888"] + ["#1f77b4"] * 3)
-    for bar, runs in zip(bars, (summary[v]["runs"] for v in names)):
-        xs = np.full(len(runs), bar.get_x() + bar.get_width() / 2)
-        ax.scatter(xs, [r["sem_seg"]["mIoU"] for r in runs], color="black", s=12, zorder=3)
-    ax.set_ylabel("mIoU on digit_scenes_val")
-    ax.set_title(title, fontsize=10)
-    ax.set_ylim(0, max(max(means) + max(stds) + 5, 10))
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), dpi=100,
+                             squeeze=False)
+    for ax, (title, summary) in zip(axes[0], stages):
+        names = list(summary)
+        means = [summary[s]["miou"][0] for s in names]
+        stds = [summary[s]["miou"][1] for s in names]
+        colors = ["#888888" if s.startswith("baseline") else "#1f77b4" for s in names]
+        bars = ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
+        for bar, s in zip(bars, names):
+            values = [r["sem_seg"]["mIoU"] for r in summary[s]["runs"]]
+            ax.scatter(np.full(len(values), bar.get_x() + bar.get_width() / 2), values,
+                       color="black", s=10, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("mIoU")
+        ax.set_title(title, fontsize=10)
+        low = min(means) - max(stds + [0.0]) - 5
+        ax.set_ylim(max(0, low), max(means) + max(stds + [0.0]) + 3)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
@@ -208,12 +281,19 @@ def write_plot(path, summary, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output-dir", default=os.path.join("output", "experiments"),
+    parser.add_argument("--stage", choices=["screen", "confirmation", "all"], default="all")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS),
+                        help="screen these settings (default: all); confirmation: these "
+                             "instead of the screen's best")
+    parser.add_argument("--seeds", nargs="+", type=int, help="instead of the stage's seeds")
+    parser.add_argument("--records", default=os.path.join(REPO, "results", "digit_scenes_study"),
+                        help="folder of the run records (committed: the study resumes from it)")
+    parser.add_argument("--output-dir", default=os.path.join("output", "study"),
                         help="one folder per run (checkpoints, logs, evaluation)")
-    parser.add_argument("--results", default=os.path.join("results", "digit_scenes"),
-                        help="path of the table and plot, without extension")
+    parser.add_argument("--results", default=os.path.join("results", "digit_scenes_study"),
+                        help="path of the tables and plot, without extension")
+    parser.add_argument("--data-prefix", default="digit_scenes",
+                        help="data sets <prefix>_{train,val,test}")
     parser.add_argument("--quick", action="store_true",
                         help="4 iterations per run: checks the tool, the numbers mean nothing")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
@@ -221,48 +301,47 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import region_contrast  # noqa: F401  (registers the data sets)
-    from detectron2.data import MetadataCatalog
 
     train_net = load_train_net()
+    register_few_scenes(f"{args.data_prefix}_train")
     extra = (QUICK_OPTS if args.quick else []) + list(args.opts)
-    records = []
-    todo = [(v, s) for v in args.variants for s in args.seeds]
-    for i, (variant, seed) in enumerate(todo, 1):
-        out = run_dir(args.output_dir, variant, seed)
-        argv_run = run_argv(variant, seed, out, extra)
-        record = read_result(out, argv_run)
-        if record is None:
-            print(f"[{i}/{len(todo)}] training {variant}, seed {seed} -> {out}", flush=True)
-            os.makedirs(out, exist_ok=True)
-            record = train_one(train_net, variant, seed, argv_run)
+    done = {}
+    for stage in (["screen", "confirmation"] if args.stage == "all" else [args.stage]):
+        split, seeds = STAGES[stage]
+        if stage == "screen":
+            settings = args.settings or list(SETTINGS)
+        elif args.settings:
+            settings = args.settings
         else:
-            print(f"[{i}/{len(todo)}] {variant}, seed {seed}: already done ({out})", flush=True)
-        print(f"[{i}/{len(todo)}] {variant}, seed {seed}: mIoU {record['sem_seg']['mIoU']:.2f} "
-              f"in {record['wall_s']:.0f} s", flush=True)
-        records.append(record)
+            screen = done.get("screen") or run_stage(
+                train_net, "screen", list(SETTINGS), STAGES["screen"][1], args,
+                {"train": f"{args.data_prefix}_train", "eval": f"{args.data_prefix}_val"}, extra)
+            done["screen"] = screen
+            settings = choose_for_confirmation(screen)
+        sets = {"train": f"{args.data_prefix}_train", "eval": f"{args.data_prefix}_{split}"}
+        done[stage] = run_stage(train_net, stage, settings, args.seeds or seeds, args, sets,
+                                extra)
 
-    test_set = "digit_scenes_val"
-    for i, token in enumerate(extra[:-1]):
-        if token == "DATASETS.TEST":
-            test_set = extra[i + 1].strip("()[]',\" ")
-    class_names = MetadataCatalog.get(test_set).stuff_classes
-    summary = summarise(records, class_names)
-    schedule = "quick (4 iterations)" if args.quick else "the demo schedule"
-    header = [
-        f"Written by `python tools/run_experiments.py` on "
-        f"{datetime.date.today().isoformat()}: {len(args.seeds)} seed(s) per variant, "
-        f"{schedule}, evaluated on `{test_set}` with Detectron2's `SemSegEvaluator`.",
-        "",
-        "- Commit of the runs: " + ", ".join(sorted({r.get("commit", "unknown") for r in records})),
-        f"- Machine: {machine_description()}",
-        f"- Overrides for every run: {' '.join(extra) or 'none'}",
-    ]
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    write_markdown(args.results + ".md", summary, class_names, header)
-    write_plot(args.results + ".png", summary,
-               f"DigitScenes, {len(args.seeds)} seed(s) each, {schedule}")
+    summaries = {stage: summarise(records) for stage, records in done.items()}
+    commits = sorted({r["commit"] for records in done.values() for r in records})
+    lines = ["# DigitScenes: where does region contrast help?", "",
+             f"Written by `python tools/run_experiments.py` on {datetime.date.today()}"
+             f"{' (--quick: the numbers mean nothing)' if args.quick else ''}. Settings are "
+             "screened on val (seed 0); the best RegionContrast settings by val mIoU are "
+             "confirmed against the baseline of their regime on test (seeds 0-2).", "",
+             "- Commits of the runs: " + ", ".join(commits),
+             f"- Machine of this report: {machine_description()} (each record names its own)",
+             f"- Overrides for every run: {' '.join(extra) or 'none'}", ""]
+    titles = {"screen": f"Screen ({args.data_prefix}_val)",
+              "confirmation": f"Confirmation ({args.data_prefix}_test)"}
+    for stage, summary in summaries.items():
+        lines += table(titles[stage], summary)
+    results = os.path.abspath(args.results)
+    os.makedirs(os.path.dirname(results), exist_ok=True)
+    atomic_write(results + ".md", lambda f: f.write("\n".join(lines)), mode="w")
+    write_plot(results + ".png", [(titles[s], summaries[s]) for s in summaries])
     print(f"wrote {args.results}.md and {args.results}.png")
-    return summary
+    return summaries
 
 
 if __name__ == "__main__":
