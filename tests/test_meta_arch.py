@@ -199,6 +199,39 @@ def test_contrast_math_stays_float32_under_autocast():
     assert float(losses["loss_contrast"]) > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_equals_the_cpu_step():
+    """The one code path on the GPU: the same losses, gradients and bank as on the CPU."""
+    cfg = make_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.ASPP_DROPOUT = 0.0  # no random masks: the devices' generators differ
+    cpu = build(cfg)
+    cuda = copy.deepcopy(cpu).cuda()
+    # TF32 would round the GPU's convolutions and matmuls to 10 mantissa bits.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _compare_cpu_and_cuda_steps(cpu, cuda)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _compare_cpu_and_cuda_steps(cpu, cuda):
+    for it, batch in enumerate((make_batch(0), make_batch(1))):
+        for model in (cpu, cuda):
+            model.zero_grad(set_to_none=True)
+        torch.manual_seed(it)
+        cpu_losses, _ = train_step(cpu, batch, it)
+        torch.manual_seed(it)
+        cuda_losses, _ = train_step(cuda, batch, it)
+        for key, value in cpu_losses.items():
+            torch.testing.assert_close(cuda_losses[key].cpu(), value, rtol=1e-3, atol=1e-4)
+    for (name, p), q in zip(cpu.criterion.named_parameters(), cuda.criterion.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=name)
+    for key, value in cpu.memory_bank.state_dict().items():
+        torch.testing.assert_close(cuda.memory_bank.state_dict()[key].cpu(), value,
+                                   rtol=1e-3, atol=1e-4, msg=key)
+
+
 @pytest.mark.parametrize(
     "key,value",
     [
