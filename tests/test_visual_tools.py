@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 import region_contrast  # noqa: F401
-from conftest import build, load_train_net, make_cfg, single_thread, unregister
+from conftest import (build, load_train_net, make_cfg, single_thread, tiny_digit_scenes,
+                      unregister)
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
-from region_contrast.data import digit_scenes as ds
 from region_contrast.engine.hooks import MemorySummaryHook, build_memory_summary_hook
 from region_contrast.memory_bank import RegionMemoryBank
 from region_contrast.visualisation.memory_plots import FIGURE_PIXELS
@@ -65,9 +65,7 @@ def assert_picture(path, size=None):
 def trained(tmp_path_factory):
     """3 RegionContrast iterations (contrast on from the start), evaluated every 2."""
     root = str(tmp_path_factory.mktemp("vis_datasets"))
-    ds.generate_digit_scenes(root, num_train=16, num_val=4, num_test=2, size=128, seed=1,
-                             progress=False)
-    names = ds.register_digit_scenes(root, name_prefix=PREFIX)
+    names = tiny_digit_scenes(root, PREFIX, num_train=16, num_val=4, size=128)
     out = tmp_path_factory.mktemp("vis_train")
     opts = [
         "DATASETS.TRAIN", f"('{PREFIX}_train',)",

@@ -305,22 +305,23 @@ def main(argv=None):
     train_net = load_train_net()
     register_few_scenes(f"{args.data_prefix}_train")
     extra = (QUICK_OPTS if args.quick else []) + list(args.opts)
+    def run(stage, settings, seeds):
+        sets = {"train": f"{args.data_prefix}_train",
+                "eval": f"{args.data_prefix}_{STAGES[stage][0]}"}
+        return run_stage(train_net, stage, settings, seeds, args, sets, extra)
+
     done = {}
-    for stage in (["screen", "confirmation"] if args.stage == "all" else [args.stage]):
-        split, seeds = STAGES[stage]
-        if stage == "screen":
-            settings = args.settings or list(SETTINGS)
-        elif args.settings:
-            settings = args.settings
-        else:
-            screen = done.get("screen") or run_stage(
-                train_net, "screen", list(SETTINGS), STAGES["screen"][1], args,
-                {"train": f"{args.data_prefix}_train", "eval": f"{args.data_prefix}_val"}, extra)
-            done["screen"] = screen
-            settings = choose_for_confirmation(screen)
-        sets = {"train": f"{args.data_prefix}_train", "eval": f"{args.data_prefix}_{split}"}
-        done[stage] = run_stage(train_net, stage, settings, args.seeds or seeds, args, sets,
-                                extra)
+    if args.stage in ("screen", "all"):
+        done["screen"] = run("screen", args.settings or list(SETTINGS),
+                             args.seeds or STAGES["screen"][1])
+    if args.stage in ("confirmation", "all"):
+        settings = args.settings
+        if not settings:
+            if "screen" not in done:  # its records are read back; missing runs are trained
+                done["screen"] = run("screen", list(SETTINGS), STAGES["screen"][1])
+            settings = choose_for_confirmation(done["screen"])
+        done["confirmation"] = run("confirmation", settings,
+                                   args.seeds or STAGES["confirmation"][1])
 
     summaries = {stage: summarise(records) for stage, records in done.items()}
     commits = sorted({r["commit"] for records in done.values() for r in records})

@@ -81,15 +81,13 @@ def separability(centers: torch.Tensor, classes: torch.Tensor) -> Dict[str, floa
 def feature_diagnostics(model, dataset_dicts: Iterable[dict], mapper, *, background: int = 0,
                         batch_size: int = 8) -> Dict[str, float]:
     """
-    Runs ``model`` (a RegionContrastSegmentor, or any SemanticSegmentor whose head has
-    ``forward_features``) in eval mode over ``dataset_dicts`` mapped by ``mapper`` (which must
-    keep ``sem_seg``, e.g. a training mapper without augmentations), at the images' own size.
+    Runs ``model`` (a RegionContrastSegmentor, the baseline recipes' too) in eval mode over
+    ``dataset_dicts`` mapped by ``mapper`` (which must keep ``sem_seg``, e.g. a training mapper
+    without augmentations), at the images' own size.
 
     Returns :func:`confusion_fractions` of the pixel predictions and :func:`separability` of the
     region centres of the head's classifier input.
     """
-    from detectron2.structures import ImageList
-
     head = model.sem_seg_head
     num_classes = head.predictor.out_channels
     ignore = head.ignore_value
@@ -100,13 +98,8 @@ def feature_diagnostics(model, dataset_dicts: Iterable[dict], mapper, *, backgro
     dicts = list(dataset_dicts)
     try:
         for start in range(0, len(dicts), batch_size):
-            batch = [mapper(d) for d in dicts[start : start + batch_size]]
-            images = ImageList.from_tensors(
-                [(x["image"].to(model.device) - model.pixel_mean) / model.pixel_std
-                 for x in batch], model.backbone.size_divisibility)
-            targets = ImageList.from_tensors(
-                [x["sem_seg"].to(model.device) for x in batch], model.backbone.size_divisibility,
-                ignore).tensor
+            images, targets = model.preprocess_labelled_batch(
+                [mapper(d) for d in dicts[start : start + batch_size]])
             logits, embedding = head.forward_features(model.backbone(images.tensor))
             pred = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
                                  align_corners=False).argmax(dim=1)

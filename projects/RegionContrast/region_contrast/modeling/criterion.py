@@ -245,10 +245,12 @@ class RegionContrastCriterion(nn.Module):
         self.memory_bank.push(rows, classes)
         storage = _event_storage()
         if storage is not None:
-            pos_cos, neg_cos = torch.stack([output.stats["pos_cos"], output.stats["neg_cos"]])
+            # One read of the device for both values.
+            pos_cos, neg_cos = torch.stack(
+                [output.stats["pos_cos"], output.stats["neg_cos"]]).tolist()
             storage.put_scalars(
                 region_contrast_bank_fill=self.memory_bank.fill_fraction(),
-                region_contrast_pos_cos=float(pos_cos),
-                region_contrast_neg_cos=float(neg_cos),
+                region_contrast_pos_cos=pos_cos,
+                region_contrast_neg_cos=neg_cos,
                 smoothing_hint=False,
             )

@@ -179,9 +179,7 @@ class RegionMemoryBank(nn.Module):
                 grouped by class.
             classes: (M,) long.
         """
-        index = torch.nonzero(self._filled().view(-1)).view(-1)
-        features = self.features.view(-1, self.dim).index_select(0, index)
-        return features.to(self._output_dtype()), torch.div(index, self.size, rounding_mode="floor")
+        return self._rows(torch.nonzero(self._filled().view(-1)).view(-1))
 
     @torch.no_grad()
     def sample(
@@ -202,7 +200,10 @@ class RegionMemoryBank(nn.Module):
         keys.masked_fill_(~filled, 2.0)
         drawn, slots = keys.topk(per_class, dim=1, largest=False)
         classes = torch.arange(self.num_classes, device=filled.device).unsqueeze(1)
-        index = (classes * self.size + slots)[drawn < 1.5]
+        return self._rows((classes * self.size + slots)[drawn < 1.5])
+
+    def _rows(self, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the slots at flat ``index`` (class * size + slot), and their classes."""
         features = self.features.view(-1, self.dim).index_select(0, index)
         return features.to(self._output_dtype()), torch.div(index, self.size, rounding_mode="floor")
 

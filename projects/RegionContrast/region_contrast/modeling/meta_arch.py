@@ -137,16 +137,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
         if not (self.training and self.contrast_enabled):
             return super().forward(batched_inputs)
 
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        # Padding is labelled ignore, never a class (the authors' release padded with 0).
-        targets = ImageList.from_tensors(
-            [x["sem_seg"].to(self.device) for x in batched_inputs],
-            self.backbone.size_divisibility,
-            self.sem_seg_head.ignore_value,
-        ).tensor
-
+        images, targets = self.preprocess_labelled_batch(batched_inputs)
         features = self.backbone(images.tensor)
         logits, embedding = self.sem_seg_head.forward_features(features)
         # The criterion first: it names labels that are neither a class nor ignored, on which
@@ -159,6 +150,22 @@ class RegionContrastSegmentor(SemanticSegmentor):
         finite = bool(torch.isfinite(sum(losses.values()).detach()))
         self.criterion.update(contrast, accept=finite)
         return losses
+
+    def preprocess_labelled_batch(self, batched_inputs):
+        """
+        Normalised images (an ``ImageList``) and their labels (N, H, W), both padded to the
+        backbone's size divisibility; padding is labelled ignore, never a class (the authors'
+        release padded with 0).
+        """
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
+        targets = ImageList.from_tensors(
+            [x["sem_seg"].to(self.device) for x in batched_inputs],
+            self.backbone.size_divisibility,
+            self.sem_seg_head.ignore_value,
+        ).tensor
+        return images, targets
 
     def sliding_window_inference(self, batched_inputs):
         """
