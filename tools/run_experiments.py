@@ -151,6 +151,7 @@ def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=Non
     from region_contrast.evaluation.diagnostics import feature_diagnostics
 
     args = default_argument_parser().parse_args(argv)
+    commit = _benchmark_machine().commit_description()  # the code that runs, read before it runs
     start = time.perf_counter()
     results = train_net.main(args)
     wall = time.perf_counter() - start
@@ -173,7 +174,7 @@ def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=Non
         "stage": stage,
         "seed": seed,
         "evaluated_on": cfg.DATASETS.TEST[0],
-        "commit": _benchmark_machine().commit_description(),
+        "commit": commit,
         "machine": machine_description(),
         "date": datetime.date.today().isoformat(),
         "wall_s": wall,
