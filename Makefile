@@ -36,7 +36,7 @@ test: install
 bench: install
 	$(PY) tools/benchmark.py
 
-# The DigitScenes study (tools/run_experiments.py): 13 settings screened on val, then the one or two
+# The DigitScenes study (tools/run_experiments.py): 15 settings screened on val, then the one or two
 # that gain most over their regime's baseline confirmed against it on test with 3 seeds; 2.5-4
 # hours on 2 cores, resumable (the run records in results/digit_scenes_study/ are kept):
 # results/digit_scenes_study.{md,png}.

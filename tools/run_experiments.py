@@ -61,6 +61,11 @@ SETTINGS = {
     "region_long": ("long", REGION_CONTRAST, ["SOLVER.MAX_ITER", LONG_ITERS]),
     "baseline_few": ("few", BASELINE, []),
     "region_few": ("few", REGION_CONTRAST, []),
+    # Added after the first screen: the one setting that beat its baseline there (no projection
+    # head), in the other two regimes.
+    "no_projection_long": ("long", REGION_CONTRAST,
+                           [RC + "PROJ_DIM", "0", "SOLVER.MAX_ITER", LONG_ITERS]),
+    "no_projection_few": ("few", REGION_CONTRAST, [RC + "PROJ_DIM", "0"]),
 }
 BASELINE_OF_REGIME = {"demo": "baseline", "long": "baseline_long", "few": "baseline_few"}
 # A schedule that exercises every code path in seconds (the numbers mean nothing).
