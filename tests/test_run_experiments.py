@@ -145,3 +145,24 @@ def test_few_scenes_regime_trains_on_a_prefix_of_the_training_set(tiny_scenes):
     argv_ = tool.run_argv("region_few", 0, "out", {"train": "exp_digit_scenes_train",
                                                    "eval": "exp_digit_scenes_val"}, [])
     assert argv_[argv_.index("DATASETS.TRAIN") + 1] == f"('{name}',)"
+
+
+def test_verdicts_compare_seed_by_seed_and_apply_the_target():
+    tool = load_tool()
+
+    def runs(setting, mious):
+        return [{"setting": setting, "seed": k, "sem_seg": {"mIoU": v, "IoU-a": v},
+                 "diagnostics": {"ncm_accuracy": 0.5}} for k, v in enumerate(mious)]
+
+    summary = tool.summarise(runs("baseline", [60.0, 61.0, 59.0]) +
+                             runs("no_projection", [62.5, 61.5, 62.0]) +
+                             runs("region", [61.0, 62.0, 61.0]) +
+                             runs("region_few", [70.0, 70.0]))  # no baseline_few: no verdict
+    lines = tool.verdicts(summary)
+    assert len(lines) == 2
+    # +2.0 on average, per seed +2.5 +0.5 +3.0, 61.5-62.5 above 59.0-61.0: met.
+    assert lines[0].startswith("- no_projection against baseline: +2.0 mIoU on average; per "
+                               "seed +2.5, +0.5, +3.0; ranges 61.5-62.5 and 59.0-61.0 apart.")
+    assert lines[0].endswith("**met**.")
+    # +1.3 on average but 61.0 is inside the baseline's range: not met.
+    assert "+1.3 mIoU" in lines[1] and "overlap" in lines[1] and lines[1].endswith("**not met**.")

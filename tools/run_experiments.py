@@ -278,8 +278,33 @@ def summarise(records):
     return out
 
 
-def table(title, summary):
-    """A stage's table; "vs baseline" is against the baseline of the setting's regime."""
+def verdicts(summary, margin=1.0):
+    """Each RegionContrast setting against its regime's baseline, seed by seed, and the target:
+    at least ``margin`` mIoU above on average, with the ranges over seeds not overlapping."""
+    lines = []
+    for setting, s in summary.items():
+        base = summary.get(BASELINE_OF_REGIME[SETTINGS[setting][0]])
+        if setting.startswith("baseline") or base is None or s["miou"][2] < 2:
+            continue
+        ours = {r["seed"]: r["sem_seg"]["mIoU"] for r in s["runs"]}
+        theirs = {r["seed"]: r["sem_seg"]["mIoU"] for r in base["runs"]}
+        paired = [ours[k] - theirs[k] for k in sorted(ours) if k in theirs]
+        gain = s["miou"][0] - base["miou"][0]
+        apart = min(ours.values()) > max(theirs.values())
+        met = gain >= margin and apart
+        lines.append(
+            f"- {setting} against {BASELINE_OF_REGIME[SETTINGS[setting][0]]}: {gain:+.1f} mIoU "
+            f"on average; per seed {', '.join(f'{d:+.1f}' for d in paired)}; ranges "
+            f"{min(ours.values()):.1f}-{max(ours.values()):.1f} and "
+            f"{min(theirs.values()):.1f}-{max(theirs.values()):.1f} "
+            f"{'apart' if apart else 'overlap'}. Target ({margin:+.1f} on average, ranges "
+            f"apart): **{'met' if met else 'not met'}**.")
+    return lines
+
+
+def table(title, summary, notes=()):
+    """A stage's table, then ``notes``, then per-class IoU; "vs baseline" is against the baseline
+    of the setting's regime."""
     lines = [f"## {title}", "",
              "| setting | regime | mIoU mean +/- std | vs baseline | runs (mIoU per seed) | "
              "digit as other digit | digit as background | NCM accuracy | scatter ratio |",
@@ -296,6 +321,7 @@ def table(title, summary):
             f"{100 * d['foreground_as_background']:.1f}% | {100 * d['ncm_accuracy']:.1f}% | "
             f"{d['scatter_ratio']:.2f} |")
     names = list(next(iter(summary.values()))["per_class"])
+    lines += ["", *notes] if notes else []
     lines += ["", "Per-class IoU (mean over seeds):", "",
               "| class | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
     for name in names:
@@ -395,7 +421,8 @@ def main(argv=None):
     titles = {"screen": f"Screen ({args.data_prefix}_val)",
               "confirmation": f"Confirmation ({args.data_prefix}_test)"}
     for stage, summary in summaries.items():
-        lines += table(titles[stage], summary)
+        lines += table(titles[stage], summary,
+                       notes=verdicts(summary) if stage == "confirmation" else ())
     results = os.path.abspath(args.results)
     os.makedirs(os.path.dirname(results), exist_ok=True)
     atomic_write(results + ".md", lambda f: f.write("\n".join(lines)), mode="w")
