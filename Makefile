@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Re-install only when the requirements, the pins or the installer change.
 STAMP := $(VENV)/.region_contrast-installed
-DEMO_CONFIG ?= configs/DigitScenes/deeplab_v3_plus_R_18_os32_region_contrast_digit_scenes_1500_bs8.yaml
+DEMO_CONFIG ?= configs/DigitScenes/deeplab_v3_plus_R_18_os32_region_contrast_noproj_digit_scenes_1500_bs8.yaml
 PYTEST_ARGS ?=
 
 .PHONY: install data demo test bench results clean-venv
