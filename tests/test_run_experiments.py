@@ -125,6 +125,13 @@ def test_confirmation_evaluates_the_screens_checkpoint_as_a_fresh_training_would
     assert not os.path.exists(tmp_path / "runs" / "confirmation" / "region_seed0" /
                               "model_final.pth")
 
+    # On a clone without the checkpoints (they are not committed), the records still stand.
+    record = tmp_path / "records" / "confirmation" / "region_seed0.json"
+    stamp = os.stat(record).st_mtime_ns
+    os.remove(tmp_path / "runs" / "screen" / "region_seed0" / "model_final.pth")
+    tool.main(argv(tmp_path, stage="confirmation", seeds=("0", "1"), settings=("region",)))
+    assert os.stat(record).st_mtime_ns == stamp
+
     # The same seed trained from scratch for the confirmation scores exactly the same on test:
     # training does not depend on the evaluated split.
     fresh = tmp_path / "fresh"

@@ -128,19 +128,24 @@ def run_argv(setting, seed, output_dir, sets, extra_opts):
     ]
 
 
-def read_record(path, argv, quiet=False):
-    """The record of a finished run with these arguments, or None (never run, or other ones)."""
+def evaluation_argv(argv, checkpoint):
+    """``argv`` evaluating ``checkpoint`` instead of training."""
+    return ["--eval-only", *argv, "MODEL.WEIGHTS", checkpoint]
+
+
+def read_record(path, argv):
+    """The record of a finished run with these arguments, or of the evaluation of a checkpoint
+    trained with them; None if never run, or run with other arguments."""
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         record = json.load(f)
-    if record.get("argv") != argv:
-        if quiet:
-            return None
-        print(f"{path} was written by another command ({' '.join(record.get('argv', []))}); "
-              "training again.", flush=True)
-        return None
-    return record
+    stored = record.get("argv", [])
+    if stored == argv or stored == evaluation_argv(argv, stored[-1] if stored else None):
+        return record
+    print(f"{path} was written by another command ({' '.join(stored)}); training again.",
+          flush=True)
+    return None
 
 
 def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=None):
@@ -223,20 +228,17 @@ def run_stage(train_net, stage, settings, seeds, args, sets, extra, screen_sets=
         out = os.path.join(args.output_dir, stage, f"{setting}_seed{seed}")
         path = os.path.join(args.records, stage, f"{setting}_seed{seed}.json")
         argv = run_argv(setting, seed, out, sets, extra)
-        trained, checkpoint = (screen_checkpoint(args, setting, seed, screen_sets, extra)
-                               if screen_sets else (None, None))
-        evaluate_argv = (None if trained is None else
-                         ["--eval-only", *argv, "MODEL.WEIGHTS", checkpoint])
-        record = read_record(path, argv, quiet=evaluate_argv is not None)
-        if record is None and evaluate_argv is not None:
-            record = read_record(path, evaluate_argv)
+        record = read_record(path, argv)
         if record is None:
+            trained, checkpoint = (screen_checkpoint(args, setting, seed, screen_sets, extra)
+                                   if screen_sets else (None, None))
             what = "training" if trained is None else "evaluating the screen's checkpoint of"
             print(f"[{stage} {i}/{len(todo)}] {what} {setting}, seed {seed} -> {out}",
                   flush=True)
             os.makedirs(out, exist_ok=True)
-            record = train_one(train_net, setting, seed, stage, evaluate_argv or argv, path,
-                               trained_in=trained)
+            if trained is not None:
+                argv = evaluation_argv(argv, checkpoint)
+            record = train_one(train_net, setting, seed, stage, argv, path, trained_in=trained)
         print(f"[{stage} {i}/{len(todo)}] {setting}, seed {seed}: mIoU "
               f"{record['sem_seg']['mIoU']:.2f}", flush=True)
         records.append(record)
