@@ -103,7 +103,7 @@ def test_confirmation_takes_the_largest_gains_over_the_regimes_baseline_on_val()
     assert tool.choose_for_confirmation(screen) == ["baseline", "weight_0.5", "region"]
     screen[-1] = record("region_few", 53.0)
     assert tool.choose_for_confirmation(screen) == [
-        "baseline_few", "baseline", "region_few", "weight_0.5"]
+        "baseline_few", "region_few", "baseline", "weight_0.5"]
     # None beats its baseline: the closest one is still confirmed, to measure the difference.
     losers = [record("baseline", 60.0), record("region", 58.0), record("no_projection", 59.5),
               record("baseline_long", 70.0), record("region_long", 65.0)]
