@@ -69,6 +69,12 @@ SETTINGS = {
 }
 ADDED_AFTER_FIRST_SCREEN = ("no_projection_long", "no_projection_few")
 BASELINE_OF_REGIME = {"demo": "baseline", "long": "baseline_long", "few": "baseline_few"}
+
+
+def baseline_of(setting):
+    """The baseline of ``setting``'s regime (itself for a baseline)."""
+    return BASELINE_OF_REGIME[SETTINGS[setting][0]]
+
 # A schedule that exercises every code path in seconds (the numbers mean nothing).
 QUICK_OPTS = [
     "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.IMS_PER_BATCH", "2",
@@ -201,6 +207,13 @@ def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=Non
     return record
 
 
+def run_paths(args, stage, setting, seed):
+    """(checkpoint folder, record path) of one run."""
+    name = f"{setting}_seed{seed}"
+    return (os.path.join(args.output_dir, stage, name),
+            os.path.join(args.records, stage, name + ".json"))
+
+
 def screen_checkpoint(args, setting, seed, sets, extra):
     """The screen's record and final checkpoint of this setting and seed, or (None, None).
 
@@ -210,16 +223,12 @@ def screen_checkpoint(args, setting, seed, sets, extra):
     tests; across processes and commits a seed reproduces to a few tenths of a point only, e.g.
     ``make demo`` 67.0 against the screen's 67.3 for the same recipe and seed.)
     """
-    out = os.path.join(args.output_dir, "screen", f"{setting}_seed{seed}")
-    path = os.path.join(args.records, "screen", f"{setting}_seed{seed}.json")
+    out, path = run_paths(args, "screen", setting, seed)
     checkpoint = os.path.join(out, "model_final.pth")
-    if not (os.path.isfile(path) and os.path.isfile(checkpoint)):
+    if not os.path.isfile(checkpoint):
         return None, None
-    with open(path) as f:
-        record = json.load(f)
-    if record.get("argv") != run_argv(setting, seed, out, sets, extra):
-        return None, None
-    return record, checkpoint
+    record = read_record(path, run_argv(setting, seed, out, sets, extra))
+    return (record, checkpoint) if record is not None else (None, None)
 
 
 def run_stage(train_net, stage, settings, seeds, args, sets, extra, screen_sets=None):
@@ -228,8 +237,7 @@ def run_stage(train_net, stage, settings, seeds, args, sets, extra, screen_sets=
     records = []
     todo = [(s, k) for s in settings for k in seeds]
     for i, (setting, seed) in enumerate(todo, 1):
-        out = os.path.join(args.output_dir, stage, f"{setting}_seed{seed}")
-        path = os.path.join(args.records, stage, f"{setting}_seed{seed}.json")
+        out, path = run_paths(args, stage, setting, seed)
         argv = run_argv(setting, seed, out, sets, extra)
         record = read_record(path, argv)
         if record is None:
@@ -257,8 +265,8 @@ def choose_for_confirmation(screen, count=2):
     so that the test split still says how large the difference is.
     """
     miou = {r["setting"]: r["sem_seg"]["mIoU"] for r in screen}
-    gain = {s: v - miou[BASELINE_OF_REGIME[SETTINGS[s][0]]] for s, v in miou.items()
-            if not s.startswith("baseline") and BASELINE_OF_REGIME[SETTINGS[s][0]] in miou}
+    gain = {s: v - miou[baseline_of(s)] for s, v in miou.items()
+            if not s.startswith("baseline") and baseline_of(s) in miou}
     ranked = sorted(gain, key=lambda s: -gain[s])
     chosen = [s for s in ranked if gain[s] > 0][:count] or ranked[:1]
     regimes = dict.fromkeys(SETTINGS[s][0] for s in chosen)
@@ -290,7 +298,7 @@ def verdicts(summary, margin=1.0):
     at least ``margin`` mIoU above on average, with the ranges over seeds not overlapping."""
     lines = []
     for setting, s in summary.items():
-        base = summary.get(BASELINE_OF_REGIME[SETTINGS[setting][0]])
+        base = summary.get(baseline_of(setting))
         if setting.startswith("baseline") or base is None or s["miou"][2] < 2:
             continue
         ours = {r["seed"]: r["sem_seg"]["mIoU"] for r in s["runs"]}
@@ -300,7 +308,7 @@ def verdicts(summary, margin=1.0):
         apart = min(ours.values()) > max(theirs.values())
         met = gain >= margin and apart
         lines.append(
-            f"- {setting} against {BASELINE_OF_REGIME[SETTINGS[setting][0]]}: {gain:+.1f} mIoU "
+            f"- {setting} against {baseline_of(setting)}: {gain:+.1f} mIoU "
             f"on average; per seed {', '.join(f'{d:+.1f}' for d in paired)}; ranges "
             f"{min(ours.values()):.1f}-{max(ours.values()):.1f} and "
             f"{min(theirs.values()):.1f}-{max(theirs.values()):.1f} "
@@ -320,7 +328,7 @@ def table(title, summary, notes=()):
         mean, std, n = s["miou"]
         d = s["diagnostics"]
         seeds = ", ".join(f"{r['sem_seg']['mIoU']:.1f}" for r in s["runs"])
-        base = summary.get(BASELINE_OF_REGIME[SETTINGS[setting][0]], {}).get("miou", [np.nan])[0]
+        base = summary.get(baseline_of(setting), {}).get("miou", [np.nan])[0]
         lines.append(
             f"| {setting} | {SETTINGS[setting][0]} | {mean:.1f} +/- {std:.1f} | "
             f"{mean - base:+.1f} | {n} ({seeds}) | "
