@@ -43,6 +43,34 @@ def make_cfg(num_classes=NUM_CLASSES, norm=None, crop=SIZE, enabled=True, **rc):
     return cfg
 
 
+def make_fpn_cfg(num_classes=NUM_CLASSES, enabled=True, **rc):
+    """
+    A tiny Semantic FPN (ResNet-18 + FPN, Detectron2's ``SemanticSegmentor`` and
+    ``SemSegFPNHead``) with region contrast added through ``RegionContrastHead``.
+    """
+    cfg = get_region_contrast_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "SemanticSegmentor"
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "RegionContrastHead"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
+    cfg.MODEL.REGION_CONTRAST.HEAD_NAME = "SemSegFPNHead"
+    cfg.MODEL.REGION_CONTRAST.ENABLED = enabled
+    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 0
+    cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 6
+    for key, value in rc.items():
+        cfg.MODEL.REGION_CONTRAST[key] = value
+    return cfg
+
+
 def build(cfg, seed=0):
     torch.manual_seed(seed)
     return build_model(cfg)

@@ -149,4 +149,4 @@ def test_training_on_images_smaller_than_the_crop(small_scenes, tmp_path):
     evaluation = tmp_path / "inference" / "small_scenes_val" / "sem_seg_evaluation.pth"
     assert torch.load(evaluation, weights_only=False)["mIoU"] >= 0  # evaluation at 48 pixels
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
-    assert int(state["model"]["criterion.memory_bank.count"].sum()) > 0
+    assert int(state["model"]["sem_seg_head.region_contrast.memory_bank.count"].sum()) > 0

@@ -139,17 +139,17 @@ def test_ranks_stay_identical_and_match_single_process(tmp_path, world_size):
         for key, value in states[0].items():
             assert torch.equal(value, state[key]), f"rank {rank} differs from rank 0 in {key}"
 
-    bank_count = states[0]["criterion.memory_bank.count"]
-    assert int(bank_count.sum()) > 0 and int(states[0]["criterion.memory_bank.ptr"].sum()) > 0
+    bank_count = states[0]["sem_seg_head.region_contrast.memory_bank.count"]
+    assert int(bank_count.sum()) > 0 and int(states[0]["sem_seg_head.region_contrast.memory_bank.ptr"].sum()) > 0
     # The empty rank added nothing at its empty step; the others did.
     grew = [int(c.sum()) for c in results[0]["counts"]]
     assert grew[0] > 0 and grew[EMPTY_STEP] > grew[EMPTY_STEP - 1]
 
     with single_thread():
         expected = reference(world_size)
-    assert torch.equal(expected["criterion.memory_bank.count"], bank_count)
-    assert torch.equal(expected["criterion.memory_bank.ptr"],
-                       states[0]["criterion.memory_bank.ptr"])
+    assert torch.equal(expected["sem_seg_head.region_contrast.memory_bank.count"], bank_count)
+    assert torch.equal(expected["sem_seg_head.region_contrast.memory_bank.ptr"],
+                       states[0]["sem_seg_head.region_contrast.memory_bank.ptr"])
     for key, value in expected.items():
         # Summation order differs (all-reduce, per-rank forwards): a few float32 roundings.
         torch.testing.assert_close(states[0][key], value, atol=1e-5, rtol=1e-4, msg=key)

@@ -74,7 +74,7 @@ def test_train_checkpoint_resume_and_evaluate(tiny_scenes, tmp_path, config):
     state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
     assert state["iteration"] == 2
     if "region_contrast" in os.path.basename(config):
-        assert int(state["model"]["criterion.memory_bank.count"].sum()) > 0
+        assert int(state["model"]["sem_seg_head.region_contrast.memory_bank.count"].sum()) > 0
     # Resume from the mid-run checkpoint: the last iteration is trained again from there.
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     os.remove(tmp_path / "model_final.pth")

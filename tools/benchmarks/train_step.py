@@ -43,7 +43,9 @@ def _instrument(rc):
     """Names the criterion's forward and its bank update for the profiler; returns an undo."""
     from torch.profiler import record_function
 
-    criterion = rc.criterion
+    from region_contrast import find_region_contrast
+
+    criterion = find_region_contrast(rc)
     forward, update = criterion.forward, criterion.update
 
     def named_forward(*a, **k):
@@ -97,8 +99,8 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
     Parts 1 and 2 for one recipe: (train, inference) dicts; with ``train_only``, only the
     interleaved train-step times (:func:`compare`'s dict), for :func:`bench_recipe_blocks`.
     """
-    import region_contrast  # noqa: F401
     from detectron2.modeling import build_model
+    from region_contrast import find_region_contrast
     from detectron2.utils.events import EventStorage
     from region_contrast.engine.solver import build_optimizer
 
@@ -109,9 +111,10 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
     torch.manual_seed(seed + 1)
     rc = build_model(rc_cfg)
     incompatible = rc.load_state_dict(baseline.state_dict(), strict=False)
-    extra = sorted({k.split(".")[0] for k in incompatible.missing_keys})
-    assert not incompatible.unexpected_keys and set(extra) <= {"criterion"}, extra
-    prefill_bank(rc.memory_bank, seed)
+    extra = [k for k in incompatible.missing_keys if ".region_contrast." not in k]
+    assert not incompatible.unexpected_keys and not extra, extra
+    bank = find_region_contrast(rc).memory_bank
+    prefill_bank(bank, seed)
     num_classes = rc_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     # A fixed iteration past the contrast warm-up (and the solver's), so the loss is active.
     it = max(rc_cfg.MODEL.REGION_CONTRAST.WARMUP_ITERS, rc_cfg.SOLVER.WARMUP_ITERS) + 100
@@ -191,8 +194,8 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
     train["rc_losses_last_step"] = rc_state["losses"]
     contrast_active = rc_state["losses"].get("loss_contrast", 0.0) != 0.0
     train["contrast_loss_active"] = contrast_active
-    bank_bytes = rc.memory_bank.nbytes
-    projector_bytes = module_bytes(rc.criterion.projector)
+    bank_bytes = bank.nbytes
+    projector_bytes = module_bytes(find_region_contrast(rc).projector)
     train["memory"] = {
         "rc_step_peak_bytes": mem_rc["peak_bytes"],
         "baseline_step_peak_bytes": mem_bl["peak_bytes"],
@@ -212,7 +215,7 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
 
     # Part 2: the same weights (BN statistics included), eval mode, same inputs.
     rc.load_state_dict(baseline.state_dict(), strict=False)
-    bank_before = {k: v.clone() for k, v in rc.memory_bank.state_dict().items()}
+    bank_before = {k: v.clone() for k, v in bank.state_dict().items()}
     rc.eval()
     baseline.eval()
     infer_batch = [{"image": x["image"], "height": x["height"], "width": x["width"]}
@@ -244,7 +247,7 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
     inference["operators_run"] = {"rc": sum(trace_rc.values()) if trace_rc else None,
                                   "baseline": sum(trace_bl.values()) if trace_bl else None}
     inference["bank_untouched"] = all(
-        torch.equal(v, bank_before[k]) for k, v in rc.memory_bank.state_dict().items()
+        torch.equal(v, bank_before[k]) for k, v in bank.state_dict().items()
     )
     inference["images_per_s"] = {
         "rc": batch_size / inference["rc_s"]["median"],
@@ -266,10 +269,10 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
         "batch": batch_size,
         "crop": list(crop),
         "num_classes": num_classes,
-        "bank": {"memory_size": rc_section.MEMORY_SIZE, "dim": rc.memory_bank.dim,
+        "bank": {"memory_size": rc_section.MEMORY_SIZE, "dim": bank.dim,
                  "dtype": rc_section.MEMORY_DTYPE,
                  "samples_per_class": rc_section.SAMPLES_PER_CLASS,
-                 "fill_fraction": rc.memory_bank.fill_fraction()},
+                 "fill_fraction": bank.fill_fraction()},
         "storage_iter": it,
         "feature_map": [batch_size, rc.sem_seg_head.predictor.in_channels, crop[0] // stride,
                         crop[1] // stride],

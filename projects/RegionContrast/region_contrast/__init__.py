@@ -6,7 +6,10 @@ from .modeling import (  # noqa: F401  (registers the heads and the meta-archite
     RegionContrastCriterion,
     RegionContrastDeepLabV3Head,
     RegionContrastDeepLabV3PlusHead,
+    RegionContrastHead,
     RegionContrastSegmentor,
+    add_region_contrast,
+    find_region_contrast,
 )
 
 __all__ = [
@@ -14,5 +17,8 @@ __all__ = [
     "RegionContrastCriterion",
     "RegionContrastDeepLabV3Head",
     "RegionContrastDeepLabV3PlusHead",
+    "RegionContrastHead",
     "RegionContrastSegmentor",
+    "add_region_contrast",
+    "find_region_contrast",
 ]

@@ -9,6 +9,13 @@ def add_region_contrast_config(cfg):
     cfg.MODEL.REGION_CONTRAST = CN()
     # False builds the plain Detectron2 baseline: same parameters, no projection head, no bank.
     cfg.MODEL.REGION_CONTRAST.ENABLED = False
+    # With MODEL.SEM_SEG_HEAD.NAME "RegionContrastHead": the registered semantic head to train
+    # with region contrast (Detectron2's, the DeepLab project's or your own), built unchanged.
+    cfg.MODEL.REGION_CONTRAST.HEAD_NAME = "SemSegFPNHead"
+    # Path, inside the head, of the classifier whose input (N, C, H, W) is contrasted.
+    cfg.MODEL.REGION_CONTRAST.FEATURE_MODULE = "predictor"
+    # Class ids kept out of the contrast (e.g. Panoptic FPN's merged "things" class, 0).
+    cfg.MODEL.REGION_CONTRAST.EXCLUDED_CLASSES = []
     # Output width of the projection head; 0 contrasts the decoder's features directly.
     cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 256
     # Softmax temperature t of the contrastive loss; must be > 0.

@@ -12,12 +12,12 @@ import logging
 from typing import Optional, Sequence
 
 import torch
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from detectron2.data import MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..modeling.head_contrast import find_region_contrast
 from ..modeling.memory_bank import RegionMemoryBank
 from .rng import preserved_rngs
 
@@ -98,19 +98,14 @@ class MemorySummaryHook(HookBase):
             storage.put_image(f"region_contrast/{name}", chw)
 
 
-def _unwrap(model):
-    if isinstance(model, (DistributedDataParallel, DataParallel)):
-        return model.module
-    return model
-
-
 def build_memory_summary_hook(cfg, model) -> Optional[MemorySummaryHook]:
     """
     The hook for a trainer, or None when there is nothing to do: no memory bank
     (``MODEL.REGION_CONTRAST.ENABLED: False``), no periodic evaluation (``TEST.EVAL_PERIOD``
     <= 0), or not the main process (every rank holds the same, all-gathered bank).
     """
-    bank = getattr(_unwrap(model), "memory_bank", None)
+    criterion = find_region_contrast(model)
+    bank = None if criterion is None else criterion.memory_bank
     if bank is None or cfg.TEST.EVAL_PERIOD <= 0 or not comm.is_main_process():
         return None
     names = cfg.DATASETS.TEST or cfg.DATASETS.TRAIN

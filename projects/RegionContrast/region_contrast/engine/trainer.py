@@ -17,6 +17,7 @@ from detectron2.utils import comm
 from .checkpoint import AtomicDetectionCheckpointer
 from ..config import add_region_contrast_config
 from ..data.mapper import ValidatingDatasetMapper
+from ..modeling.head_contrast import find_region_contrast
 from .sampler import ResumableTrainLoader, build_resumable_train_loader
 from ..evaluation import OfficialCityscapesSemSegEvaluator, ValidatingSemSegEvaluator
 from .hooks import build_memory_summary_hook
@@ -142,6 +143,20 @@ class Trainer(DefaultTrainer):
         ]
         results = cls.test(cfg, model, evaluators)
         return OrderedDict((key + "_TTA", value) for key, value in results.items())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """The parent's model; with ``MODEL.REGION_CONTRAST.ENABLED``, fails unless it has it."""
+        model = super().build_model(cfg)
+        if cfg.MODEL.REGION_CONTRAST.ENABLED and find_region_contrast(model) is None:
+            name = cfg.MODEL.SEM_SEG_HEAD.NAME
+            raise ValueError(
+                f"MODEL.REGION_CONTRAST.ENABLED is True, but MODEL.META_ARCHITECTURE = "
+                f"{cfg.MODEL.META_ARCHITECTURE!r} with MODEL.SEM_SEG_HEAD.NAME = {name!r} has no "
+                "region contrast. Set MODEL.SEM_SEG_HEAD.NAME: 'RegionContrastHead' and "
+                f"MODEL.REGION_CONTRAST.HEAD_NAME: {name!r} (docs/add_to_your_model.md)."
+            )
+        return model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

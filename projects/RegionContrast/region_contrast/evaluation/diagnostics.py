@@ -16,7 +16,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from detectron2.structures import ImageList
+
 from ..modeling.criterion import labels_at
+from ..modeling.head_contrast import classifier_input
 from ..modeling.regions import region_centers
 
 __all__ = ["confusion_fractions", "separability", "feature_diagnostics"]
@@ -79,11 +82,12 @@ def separability(centers: torch.Tensor, classes: torch.Tensor) -> Dict[str, floa
 
 @torch.no_grad()
 def feature_diagnostics(model, dataset_dicts: Iterable[dict], mapper, *, background: int = 0,
-                        batch_size: int = 8) -> Dict[str, float]:
+                        batch_size: int = 8, feature_module: str = "predictor") -> Dict[str, float]:
     """
-    Runs ``model`` (a RegionContrastSegmentor, the baseline recipes' too) in eval mode over
-    ``dataset_dicts`` mapped by ``mapper`` (which must keep ``sem_seg``, e.g. a training mapper
-    without augmentations), at the images' own size.
+    Runs ``model`` (a ``SemanticSegmentor`` or subclass, with or without region contrast) in
+    eval mode over ``dataset_dicts`` mapped by ``mapper`` (which must keep ``sem_seg``, e.g. a
+    training mapper without augmentations), at the images' own size. The features are the input
+    of the head's ``feature_module``, those the contrast acts on.
 
     Returns :func:`confusion_fractions` of the pixel predictions and :func:`separability` of the
     region centres of the head's classifier input.
@@ -98,9 +102,16 @@ def feature_diagnostics(model, dataset_dicts: Iterable[dict], mapper, *, backgro
     dicts = list(dataset_dicts)
     try:
         for start in range(0, len(dicts), batch_size):
-            images, targets = model.preprocess_labelled_batch(
-                [mapper(d) for d in dicts[start : start + batch_size]])
-            logits, embedding = head.forward_features(model.backbone(images.tensor))
+            batch = [mapper(d) for d in dicts[start : start + batch_size]]
+            divisibility = model.backbone.size_divisibility
+            images = ImageList.from_tensors(
+                [(x["image"].to(model.device) - model.pixel_mean) / model.pixel_std for x in batch],
+                divisibility)
+            targets = ImageList.from_tensors(
+                [x["sem_seg"].to(model.device) for x in batch], divisibility, ignore).tensor
+            with classifier_input(head, feature_module) as seen:
+                logits, _ = head(model.backbone(images.tensor))
+            embedding = seen[0]
             pred = F.interpolate(logits.float(), size=targets.shape[-2:], mode="bilinear",
                                  align_corners=False).argmax(dim=1)
             valid = targets != ignore

@@ -3,7 +3,7 @@
 
 It owns the projection head, the memory bank and the contrast's settings, and turns the head's
 penultimate feature map and the ground truth into the contrastive loss and the rows that go into
-the bank afterwards (METHOD.md sections 1-7):
+the bank afterwards (docs/method.md, sections 1-7):
 
     labels at the embedding's resolution -> regions -> centres -> projection -> unit vectors
     anchors (the centres, or sampled pixels) x the bank -> loss
@@ -13,7 +13,7 @@ The same code runs on the CPU and the GPU. A new anchor type or loss variant is 
 (or a function in ``regions.py``/``loss.py``) and a config key.
 """
 import logging
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -55,9 +55,11 @@ def _event_storage():
         return None
 
 
-def check_region_contrast_cfg(rc):
+def check_region_contrast_cfg(rc, num_classes):
     """Rejects invalid ``MODEL.REGION_CONTRAST`` values, naming the key and the fix."""
     checks = [
+        ("EXCLUDED_CLASSES", all(0 <= c < num_classes for c in rc.EXCLUDED_CLASSES),
+         f"class ids in [0, MODEL.SEM_SEG_HEAD.NUM_CLASSES = {num_classes})"),
         ("TEMPERATURE", rc.TEMPERATURE > 0, "a number > 0 (the paper uses 0.1)"),
         ("LOSS_WEIGHT", rc.LOSS_WEIGHT >= 0, "a number >= 0"),
         ("MEMORY_SIZE", rc.MEMORY_SIZE >= 1, "an integer >= 1 (slots per class)"),
@@ -114,6 +116,7 @@ class RegionContrastCriterion(nn.Module):
         pixels_per_region: int = 16,
         dynamic_samples: int = 0,
         dynamic_fraction: float = 0.5,
+        excluded_classes: Sequence[int] = (),
     ):
         """
         Args:
@@ -129,6 +132,8 @@ class RegionContrastCriterion(nn.Module):
             pixels_per_region: pixel anchors per region, half of them hard when possible.
             dynamic_samples, dynamic_fraction: extra bank rows per region, each the mean of a
                 random ``dynamic_fraction`` of its pixels.
+            excluded_classes: class ids treated as ignored by the contrast (never an anchor,
+                never in the bank); the head's own loss still sees them.
         """
         super().__init__()
         self.projector = build_projection_head(embedding_dim, proj_dim)
@@ -146,11 +151,15 @@ class RegionContrastCriterion(nn.Module):
         self.pixels_per_region = pixels_per_region
         self.dynamic_samples = dynamic_samples
         self.dynamic_fraction = dynamic_fraction
+        bad = [c for c in excluded_classes if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"excluded_classes {bad} are not class ids in [0, {num_classes})")
+        self.excluded_classes = tuple(int(c) for c in excluded_classes)
 
     @classmethod
     def from_config(cls, cfg, embedding_dim):
         rc = cfg.MODEL.REGION_CONTRAST
-        check_region_contrast_cfg(rc)
+        check_region_contrast_cfg(rc, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES)
         return {
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "embedding_dim": embedding_dim,
@@ -167,6 +176,7 @@ class RegionContrastCriterion(nn.Module):
             "pixels_per_region": rc.PIXELS_PER_REGION,
             "dynamic_samples": rc.DYNAMIC_SAMPLES,
             "dynamic_fraction": rc.DYNAMIC_FRACTION,
+            "excluded_classes": list(rc.EXCLUDED_CLASSES),
         }
 
     def forward(
@@ -194,6 +204,9 @@ class RegionContrastCriterion(nn.Module):
                 pred = logits.detach().argmax(dim=1)  # the head's logits share its stride
             if self.region_source == "pred":  # predicted regions; ignored pixels stay ignored
                 labels = torch.where(labels == self.ignore_value, labels, pred)
+            if self.excluded_classes:
+                excluded = torch.isin(labels, labels.new_tensor(self.excluded_classes))
+                labels = labels.masked_fill(excluded, self.ignore_value)
             region_id, classes, _ = region_pixel_index(labels, self.num_classes, self.ignore_value)
             centers = project(self.projector, pool_regions(embedding, region_id, classes.numel()))
             if self.anchors == "pixel":

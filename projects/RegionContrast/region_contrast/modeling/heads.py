@@ -1,13 +1,13 @@
 """
-DeepLab heads that also hand out the feature map their classifier reads.
+The DeepLab project's heads, trainable from scratch.
 
 They subclass the DeepLab project's heads and add no parameter, so their state dicts, outputs
-and evaluation path are the parents'. Only ``forward_features`` is new; ``losses`` differs from
-the parents' in one degenerate case, a batch whose pixels are all ignored; and the classifier's
-initial weights can be drawn wider than the parents' (``MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD``).
+and evaluation path are the parents'. Two things differ: the classifier's initial weights can be
+drawn wider than the parents' (``MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD``), and ``losses`` gives
+a zero instead of NaN for a batch whose pixels are all ignored. Region contrast is not theirs:
+it is added around any head (:mod:`region_contrast.modeling.head_contrast`); the names keep
+the recipes written for them working.
 """
-from contextlib import contextmanager
-
 from torch import nn
 
 from detectron2.config import configurable
@@ -55,7 +55,7 @@ class _AllIgnoreSafeLoss:
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class RegionContrastDeepLabV3PlusHead(_AllIgnoreSafeLoss, DeepLabV3PlusHead):
-    """:class:`DeepLabV3PlusHead` that can also return the decoder's penultimate feature map."""
+    """:class:`DeepLabV3PlusHead` with a configurable classifier init and an all-ignore-safe loss."""
 
     @configurable
     def __init__(self, input_shape, *, predictor_init_std=_DEEPLAB_PREDICTOR_INIT_STD, **kwargs):
@@ -66,8 +66,6 @@ class RegionContrastDeepLabV3PlusHead(_AllIgnoreSafeLoss, DeepLabV3PlusHead):
         """
         super().__init__(input_shape, **kwargs)
         _init_predictor(self, predictor_init_std)
-        # The decoder ends at its finest input's resolution: that of in_features[0].
-        self.embedding_stride = input_shape[self.in_features[0]].stride
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -75,39 +73,12 @@ class RegionContrastDeepLabV3PlusHead(_AllIgnoreSafeLoss, DeepLabV3PlusHead):
         ret["predictor_init_std"] = cfg.MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD
         return ret
 
-    @contextmanager
-    def _decoder_only(self):
-        # The parent's ``layers`` stops before the predictor when ``decoder_only`` is set; reusing
-        # it keeps one decoder implementation (the DeepLab project's).
-        saved, self.decoder_only = self.decoder_only, True
-        try:
-            yield
-        finally:
-            self.decoder_only = saved
-
-    def forward_features(self, features):
-        """
-        Returns:
-            logits (N, K, H/s, W/s) and the feature map (N, D, H/s, W/s) the predictor reads,
-            both at the decoder's stride ``s = common_stride``. Pass the logits to
-            ``self.losses`` for the head's own loss.
-        """
-        with self._decoder_only():
-            embedding = self.layers(features)
-        return self.predictor(embedding), embedding
-
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class RegionContrastDeepLabV3Head(_AllIgnoreSafeLoss, DeepLabV3Head):
-    """:class:`DeepLabV3Head` that can also return the ASPP output its predictor reads."""
+    """:class:`DeepLabV3Head` with a configurable classifier init and an all-ignore-safe loss."""
 
     def __init__(self, cfg, input_shape):
         # The parent takes the config itself (it is not @configurable in Detectron2 v0.6).
         super().__init__(cfg, input_shape)
         _init_predictor(self, cfg.MODEL.SEM_SEG_HEAD.PREDICTOR_INIT_STD)
-        self.embedding_stride = input_shape[self.in_features[0]].stride
-
-    def forward_features(self, features):
-        """Returns (logits, ASPP features), both at the head's stride."""
-        embedding = self.aspp(features[self.in_features[0]])
-        return self.predictor(embedding), embedding

@@ -1,27 +1,30 @@
 """
-``RegionContrastSegmentor``: Detectron2's ``SemanticSegmentor`` plus region contrast in training.
+``RegionContrastSegmentor``: Detectron2's ``SemanticSegmentor`` with sliding-window evaluation,
+the meta-architecture of this project's DeepLab recipes.
 
-This is the only module that knows training from evaluation. Training reads like the method:
-backbone, head, the head's losses, the contrast criterion. Evaluation, and training with
-``MODEL.REGION_CONTRAST.ENABLED: False``, run the parent's ``forward`` unchanged, except that
-evaluation can be asked to slide a window over the image (``TEST.SLIDING_WINDOW``).
+Training is the parent's. Region contrast rides with the semantic head
+(:mod:`region_contrast.modeling.head_contrast`), so it needs no meta-architecture; this one adds
+it to its head when ``MODEL.REGION_CONTRAST.ENABLED`` is set and the head has none yet, which
+keeps the recipes written for it (``ENABLED`` alone) working, and it loads their checkpoints,
+whose contrast was stored at the top level (``criterion.*``).
 """
+import copy
 import logging
 from typing import Optional, Sequence
-
-import torch
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import ImageList
 
 from ..evaluation.sliding_window import sliding_window_logits
-from .criterion import RegionContrastCriterion
+from .head_contrast import add_region_contrast_from_config, find_region_contrast
 
 __all__ = ["RegionContrastSegmentor"]
 
 logger = logging.getLogger(__name__)
+
+# Where checkpoints of the earlier layout kept the contrast, and where it is now.
+_OLD_PREFIX, _NEW_PREFIX = "criterion.", "sem_seg_head.region_contrast."
 
 
 def _sliding_window_from_cfg(cfg, size_divisibility):
@@ -62,11 +65,8 @@ def _sliding_window_from_cfg(cfg, size_divisibility):
 @META_ARCH_REGISTRY.register()
 class RegionContrastSegmentor(SemanticSegmentor):
     """
-    Semantic segmentation with region-aware contrastive learning (Hu et al., ICCV 2021).
-
-    In training, the head's penultimate feature map and the ground truth go to a
-    :class:`RegionContrastCriterion`, whose loss is added to the head's; the batch's region
-    centres enter the criterion's memory bank after the step.
+    ``SemanticSegmentor`` that can evaluate in sliding windows, with region contrast on its head
+    when ``MODEL.REGION_CONTRAST.ENABLED`` (Hu et al., ICCV 2021).
     """
 
     @configurable
@@ -77,16 +77,13 @@ class RegionContrastSegmentor(SemanticSegmentor):
         sem_seg_head,
         pixel_mean,
         pixel_std,
-        criterion: Optional[RegionContrastCriterion] = None,
         window_size: Optional[Sequence[int]] = None,
         window_stride: Optional[Sequence[int]] = None,
         window_batch_size: int = 4,
     ):
         """
         Args:
-            backbone, sem_seg_head, pixel_mean, pixel_std: as in ``SemanticSegmentor``; the head
-                must have ``forward_features`` when a criterion is given.
-            criterion: the region contrast; None trains the plain baseline.
+            backbone, sem_seg_head, pixel_mean, pixel_std: as in ``SemanticSegmentor``.
             window_size, window_stride: (height, width) of the windows of sliding-window
                 evaluation and of the step between them; None evaluates the whole image.
             window_batch_size: windows per forward pass in sliding-window evaluation.
@@ -94,8 +91,6 @@ class RegionContrastSegmentor(SemanticSegmentor):
         super().__init__(
             backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std
         )
-        # None leaves no trace in the state dict, so a disabled model is the baseline exactly.
-        self.criterion = criterion
         if (window_size is None) != (window_stride is None):
             raise ValueError("window_size and window_stride are given together or not at all")
         self.window_size = None if window_size is None else tuple(window_size)
@@ -106,21 +101,14 @@ class RegionContrastSegmentor(SemanticSegmentor):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret.update(_sliding_window_from_cfg(cfg, ret["backbone"].size_divisibility))
-        if cfg.MODEL.REGION_CONTRAST.ENABLED:
-            head = ret["sem_seg_head"]
-            if not hasattr(head, "forward_features"):
-                raise ValueError(
-                    f"MODEL.SEM_SEG_HEAD.NAME = {cfg.MODEL.SEM_SEG_HEAD.NAME!r} cannot expose its "
-                    "penultimate features (no forward_features). With "
-                    "MODEL.REGION_CONTRAST.ENABLED use RegionContrastDeepLabV3PlusHead or "
-                    "RegionContrastDeepLabV3Head."
-                )
-            criterion = RegionContrastCriterion(cfg, head.predictor.in_channels)
-            bank = criterion.memory_bank
-            logger.info(f"RegionContrast memory bank: {bank.num_classes} classes x {bank.size} "
-                        f"slots x {bank.dim} dims in {bank.dtype} = {bank.nbytes / 2**20:.1f} MiB")
-            ret["criterion"] = criterion
+        if find_region_contrast(ret["sem_seg_head"]) is None:
+            ret["sem_seg_head"] = add_region_contrast_from_config(ret["sem_seg_head"], cfg)
         return ret
+
+    @property
+    def criterion(self):
+        """The head's :class:`RegionContrastCriterion`, or None for the baseline."""
+        return find_region_contrast(self.sem_seg_head)
 
     @property
     def contrast_enabled(self) -> bool:
@@ -129,43 +117,22 @@ class RegionContrastSegmentor(SemanticSegmentor):
     @property
     def memory_bank(self):
         """The criterion's memory bank, or None for the baseline."""
-        return None if self.criterion is None else self.criterion.memory_bank
+        criterion = self.criterion
+        return None if criterion is None else criterion.memory_bank
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        """The parent's, reading the earlier layout's ``criterion.*`` keys as the head's."""
+        old = [k for k in state_dict if k.startswith(_OLD_PREFIX)]
+        if old:
+            state_dict = copy.copy(state_dict)  # the caller's dict stays as it was
+            for key in old:
+                state_dict[_NEW_PREFIX + key[len(_OLD_PREFIX):]] = state_dict.pop(key)
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     def forward(self, batched_inputs):
         if not self.training and self.window_size is not None:
             return self.sliding_window_inference(batched_inputs)
-        if not (self.training and self.contrast_enabled):
-            return super().forward(batched_inputs)
-
-        images, targets = self.preprocess_labelled_batch(batched_inputs)
-        features = self.backbone(images.tensor)
-        logits, embedding = self.sem_seg_head.forward_features(features)
-        # The criterion first: it names labels that are neither a class nor ignored, on which
-        # the cross entropy would fail without saying which.
-        contrast = self.criterion(embedding, targets, logits)
-        losses = self.sem_seg_head.losses(logits, targets)
-        losses["loss_contrast"] = contrast.loss
-        # Nothing of a step whose loss is not finite enters the bank: Detectron2 stops with
-        # FloatingPointError right after, and the bank must stay clean.
-        finite = bool(torch.isfinite(sum(losses.values()).detach()))
-        self.criterion.update(contrast, accept=finite)
-        return losses
-
-    def preprocess_labelled_batch(self, batched_inputs):
-        """
-        Normalised images (an ``ImageList``) and their labels (N, H, W), both padded to the
-        backbone's size divisibility; padding is labelled ignore, never a class (the authors'
-        release padded with 0).
-        """
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.backbone.size_divisibility)
-        targets = ImageList.from_tensors(
-            [x["sem_seg"].to(self.device) for x in batched_inputs],
-            self.backbone.size_divisibility,
-            self.sem_seg_head.ignore_value,
-        ).tensor
-        return images, targets
+        return super().forward(batched_inputs)
 
     def sliding_window_inference(self, batched_inputs):
         """
