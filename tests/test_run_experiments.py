@@ -108,6 +108,16 @@ def test_confirmation_takes_the_largest_gains_over_the_regimes_baseline_on_val()
     losers = [record("baseline", 60.0), record("region", 58.0), record("no_projection", 59.5),
               record("baseline_long", 70.0), record("region_long", 65.0)]
     assert tool.choose_for_confirmation(losers) == ["baseline", "no_projection"]
+    # Each model has its own pick: Semantic FPN's best setting beside DeepLabV3+'s, even when
+    # its gain is smaller than theirs (or none beats its baseline).
+    fpn = [record("baseline_fpn", 55.0), record("fpn_no_projection", 55.5),
+           record("fpn_projection_64", 56.0)]
+    assert tool.choose_for_confirmation(screen + fpn) == [
+        "baseline_few", "region_few", "baseline", "weight_0.5", "baseline_fpn",
+        "fpn_projection_64"]
+    fpn[1:] = [record("fpn_no_projection", 54.0), record("fpn_projection_64", 53.0)]
+    assert tool.choose_for_confirmation(losers + fpn) == [
+        "baseline", "no_projection", "baseline_fpn", "fpn_no_projection"]
 
 
 def test_confirmation_evaluates_the_screens_checkpoint_as_a_fresh_training_would(

@@ -41,6 +41,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "DigitScenes")
 BASELINE = "deeplab_v3_plus_R_18_os32_digit_scenes_1500_bs8.yaml"
 REGION_CONTRAST = "deeplab_v3_plus_R_18_os32_region_contrast_digit_scenes_1500_bs8.yaml"
+FPN_BASELINE = "semantic_R_18_FPN_digit_scenes_1500_bs8.yaml"
+FPN_REGION_CONTRAST = "semantic_R_18_FPN_region_contrast_noproj_digit_scenes_1500_bs8.yaml"
 RC = "MODEL.REGION_CONTRAST."
 FEW_SCENES = 250  # training scenes of the "few" regime
 LONG_ITERS = "4500"  # the "long" regime: three times the demo schedule
@@ -66,9 +68,20 @@ SETTINGS = {
     "no_projection_long": ("long", REGION_CONTRAST,
                            [RC + "PROJ_DIM", "0", "SOLVER.MAX_ITER", LONG_ITERS]),
     "no_projection_few": ("few", REGION_CONTRAST, [RC + "PROJ_DIM", "0"]),
+    # A second head: Semantic FPN (Detectron2's SemanticSegmentor and SemSegFPNHead), the demo's
+    # data and schedule; region contrast without and with the paper's (64-d) projection head.
+    "baseline_fpn": ("fpn", FPN_BASELINE, []),
+    "fpn_no_projection": ("fpn", FPN_REGION_CONTRAST, []),
+    "fpn_projection_64": ("fpn", FPN_REGION_CONTRAST, [RC + "PROJ_DIM", "64"]),
 }
-ADDED_AFTER_FIRST_SCREEN = ("no_projection_long", "no_projection_few")
-BASELINE_OF_REGIME = {"demo": "baseline", "long": "baseline_long", "few": "baseline_few"}
+ADDED_AFTER_FIRST_SCREEN = ("no_projection_long", "no_projection_few", "baseline_fpn",
+                            "fpn_no_projection", "fpn_projection_64")
+BASELINE_OF_REGIME = {"demo": "baseline", "long": "baseline_long", "few": "baseline_few",
+                      "fpn": "baseline_fpn"}
+# The model of each regime, and how many of its RegionContrast settings are confirmed on test.
+MODEL_OF_REGIME = {"demo": "DeepLabV3+", "long": "DeepLabV3+", "few": "DeepLabV3+",
+                   "fpn": "Semantic FPN"}
+CONFIRMED_PER_MODEL = {"DeepLabV3+": 2, "Semantic FPN": 1}
 
 
 def baseline_of(setting):
@@ -184,7 +197,8 @@ def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=Non
                                                                       "model_final.pth")
     DetectionCheckpointer(model).load(checkpoint)
     mapper = ValidatingDatasetMapper(cfg, is_train=True, augmentations=[])
-    diagnostics = feature_diagnostics(model, DatasetCatalog.get(cfg.DATASETS.TEST[0]), mapper)
+    diagnostics = feature_diagnostics(model, DatasetCatalog.get(cfg.DATASETS.TEST[0]), mapper,
+                                      feature_module=cfg.MODEL.REGION_CONTRAST.FEATURE_MODULE)
     record = {
         "setting": setting,
         "regime": SETTINGS[setting][0],
@@ -256,19 +270,22 @@ def run_stage(train_net, stage, settings, seeds, args, sets, extra, screen_sets=
     return records
 
 
-def choose_for_confirmation(screen, count=2):
+def choose_for_confirmation(screen, count=CONFIRMED_PER_MODEL):
     """The RegionContrast settings to confirm, each after its regime's baseline.
 
     Settings are ranked by their val mIoU *minus the val mIoU of their regime's baseline*: a
-    longer schedule raises every number, so raw mIoU would pick a regime, not a method. Up to
-    ``count`` settings that beat their baseline are taken; if none does, the single closest one,
-    so that the test split still says how large the difference is.
+    longer schedule raises every number, so raw mIoU would pick a regime, not a method. For each
+    model, up to ``count[model]`` settings that beat their baseline are taken; if none does, the
+    single closest one, so that the test split still says how large the difference is.
     """
     miou = {r["setting"]: r["sem_seg"]["mIoU"] for r in screen}
     gain = {s: v - miou[baseline_of(s)] for s, v in miou.items()
             if not s.startswith("baseline") and baseline_of(s) in miou}
-    ranked = sorted(gain, key=lambda s: -gain[s])
-    chosen = [s for s in ranked if gain[s] > 0][:count] or ranked[:1]
+    chosen = []
+    for model, n in count.items():
+        ranked = sorted((s for s in gain if MODEL_OF_REGIME[SETTINGS[s][0]] == model),
+                        key=lambda s: -gain[s])
+        chosen += [s for s in ranked if gain[s] > 0][:n] or ranked[:1]
     regimes = dict.fromkeys(SETTINGS[s][0] for s in chosen)
     # Each baseline right before its settings: tables and plot read as pairs.
     return [x for r in regimes

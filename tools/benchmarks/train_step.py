@@ -254,7 +254,7 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
         "baseline": batch_size / inference["baseline_s"]["median"],
     }
     inference["parameters_used_at_test"] = {
-        "rc": sum(p.numel() for n, p in rc.named_parameters() if not n.startswith("criterion.")),
+        "rc": sum(p.numel() for n, p in rc.named_parameters() if ".region_contrast." not in n),
         "baseline": sum(p.numel() for p in baseline.parameters()),
     }
     # The step's feature map: what the contrast machinery pools (for part 3's comparison).
