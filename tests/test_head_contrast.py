@@ -240,3 +240,54 @@ def test_unreadable_features_fail_at_the_first_step_naming_the_key(head_name, mo
 def test_bad_feature_module_is_rejected_at_build(module, message):
     with pytest.raises(ValueError, match=message):
         build(user_cfg("TestsUserHead", module))
+
+
+def panoptic_batch(seed=0):
+    """make_batch's images and stuff maps, with two boxes per image as its instances."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    batch = make_batch(seed)
+    for x in batch:
+        instances = Instances((SIZE, SIZE))
+        instances.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 30.0, 36.0], [20.0, 16.0, 60.0, 50.0]]))
+        instances.gt_classes = torch.tensor([0, 2])
+        masks = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
+        masks[0, 4:36, 4:30] = True
+        masks[1, 16:50, 20:60] = True
+        instances.gt_masks = BitMasks(masks)
+        x["instances"] = instances
+    return batch
+
+
+def test_panoptic_fpn_trains_with_contrast_on_its_semantic_branch_without_things():
+    from detectron2.modeling import PanopticFPN
+
+    cfg = make_fpn_cfg(EXCLUDED_CLASSES=[0])
+    cfg.merge_from_list([
+        "MODEL.META_ARCHITECTURE", "PanopticFPN", "MODEL.MASK_ON", "True",
+        "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
+        "MODEL.RPN.IN_FEATURES", "['p2', 'p3', 'p4', 'p5', 'p6']",
+        "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+        "MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+        "MODEL.ROI_HEADS.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "MODEL.ROI_BOX_HEAD.NAME", "FastRCNNConvFCHead", "MODEL.ROI_BOX_HEAD.NUM_FC", "2",
+        "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",
+        "MODEL.ROI_MASK_HEAD.NAME", "MaskRCNNConvUpsampleHead",
+        "MODEL.ROI_MASK_HEAD.NUM_CONV", "1", "MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION", "14",
+    ])
+    model = build(cfg)
+    assert type(model) is PanopticFPN and type(model.sem_seg_head) is SemSegFPNHead
+    for it in range(2):
+        losses, _ = train_step(model, panoptic_batch(it), it)
+    assert {"loss_sem_seg", "loss_contrast", "loss_cls", "loss_box_reg", "loss_mask",
+            "loss_rpn_cls"} <= set(losses)
+    bank = find_region_contrast(model).memory_bank
+    assert int(bank.count[0]) == 0 and int(bank.count.sum()) > 0
+    # The plain PanopticFPN takes the trained weights; only the contrast's keys are left over.
+    cfg.MODEL.REGION_CONTRAST.ENABLED = False
+    plain = build(cfg, seed=3)
+    incompatible = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not incompatible.missing_keys
+    assert incompatible.unexpected_keys and all(
+        k.startswith("sem_seg_head.region_contrast.") for k in incompatible.unexpected_keys)

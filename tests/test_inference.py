@@ -410,3 +410,56 @@ def test_benchmark_recipe_builds_on_the_cpu(recipe):
     assert model.backbone.output_shape()["res5"].stride == 8
     if cfg.TEST.SLIDING_WINDOW.ENABLED:
         assert model.window_size == tuple(cfg.TEST.SLIDING_WINDOW.CROP_SIZE)
+
+
+# --------------------------------------------------------------------------------------------
+# Semantic FPN recipes (Detectron2's SemanticSegmentor and SemSegFPNHead)
+
+FPN_NAME = re.compile(
+    r"semantic_R_50_FPN_(?P<rc>region_contrast_)?(?P<data>[a-z0-9_]+)_(?P<iters>\d+)k_"
+    r"bs(?P<batch>\d+)\.yaml"
+)
+
+
+def test_semantic_fpn_recipes_are_twins_that_differ_in_the_contrast_only():
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "*", "semantic_R_50_FPN_*.yaml")))
+    assert paths
+    for path in paths:
+        m = FPN_NAME.fullmatch(os.path.basename(path))
+        assert m, path
+        if m["rc"]:
+            continue
+        slug, classes, train, test = BENCHMARKS[os.path.basename(os.path.dirname(path))]
+        assert m["data"] == slug
+        cfg = load(path)
+        assert (cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.SEM_SEG_HEAD.NAME) == (
+            "SemanticSegmentor", "SemSegFPNHead")
+        assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == classes
+        assert cfg.DATASETS.TRAIN == (train,) and cfg.DATASETS.TEST == (test,)
+        assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH) == (
+            int(m["iters"]) * 1000, int(m["batch"]))
+        twin = load(path.replace(f"_{slug}_", f"_region_contrast_{slug}_"))
+        rc = twin.MODEL.REGION_CONTRAST
+        assert twin.MODEL.SEM_SEG_HEAD.NAME == "RegionContrastHead"
+        assert rc.ENABLED and rc.HEAD_NAME == "SemSegFPNHead" and rc.PROJ_DIM == 0
+        # The merged "things" class of the stuff-only maps stays out of the contrast.
+        assert list(rc.EXCLUDED_CLASSES) == ([0] if slug == "coco_panoptic_stuff" else [])
+        cfg.MODEL.SEM_SEG_HEAD.NAME = twin.MODEL.SEM_SEG_HEAD.NAME
+        cfg.MODEL.REGION_CONTRAST = twin.MODEL.REGION_CONTRAST
+        cfg.OUTPUT_DIR = twin.OUTPUT_DIR
+        assert cfg == twin, path
+
+
+def test_semantic_fpn_region_contrast_recipe_builds_on_the_cpu():
+    from detectron2.modeling import SemanticSegmentor
+    from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
+    from region_contrast import find_region_contrast
+
+    cfg = load(os.path.join(REPO, "configs", "COCO-Panoptic-Stuff",
+                            "semantic_R_50_FPN_region_contrast_coco_panoptic_stuff_90k_bs16.yaml"))
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    assert type(model) is SemanticSegmentor and type(model.sem_seg_head) is SemSegFPNHead
+    criterion = find_region_contrast(model)
+    assert criterion.memory_bank.dim == cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM == 128
+    assert criterion.excluded_classes == (0,)

@@ -1,4 +1,4 @@
-"""region_contrast.loss against a direct float64 transcription of METHOD.md section 4."""
+"""region_contrast.loss against a direct float64 transcription of docs/method.md, section 4."""
 import math
 
 import pytest

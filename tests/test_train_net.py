@@ -53,12 +53,16 @@ def test_digit_scenes_recipes_come_in_twins():
     baselines = [c for c in DIGIT_RECIPES if "region_contrast" not in os.path.basename(c)]
     assert baselines
     for path in baselines:
-        name = os.path.basename(path).replace("_digit_scenes", "_region_contrast_digit_scenes")
-        twin = os.path.join(os.path.dirname(path), name)
-        assert os.path.exists(twin), f"no RegionContrast twin for {path}"
-        cfg = get_region_contrast_cfg()
-        cfg.merge_from_file(twin)
-        assert cfg.MODEL.REGION_CONTRAST.ENABLED
+        twins = [os.path.join(os.path.dirname(path), os.path.basename(path).replace(
+            "_digit_scenes", f"_region_contrast{variant}_digit_scenes"))
+            for variant in ("", "_noproj")]
+        twins = [t for t in twins if os.path.exists(t)]
+        assert twins, f"no RegionContrast twin for {path}"
+        for twin in twins:
+            cfg = get_region_contrast_cfg()
+            cfg.merge_from_file(twin)
+            assert cfg.MODEL.REGION_CONTRAST.ENABLED
+            assert (cfg.MODEL.REGION_CONTRAST.PROJ_DIM == 0) == ("_noproj" in twin), twin
 
 
 @pytest.mark.parametrize("config", DIGIT_RECIPES, ids=os.path.basename)

@@ -1,4 +1,7 @@
-"""Public name of METHOD.md (``region_contrast.loss.region_contrast_loss``); the code is in
-:mod:`region_contrast.modeling.loss`."""
+"""
+``region_contrast.loss.region_contrast_loss`` is a documented import path of the method (docs/method.md,
+section 4); it stays so that code written against it keeps working. The code is in
+:mod:`region_contrast.modeling.loss`, beside the rest of the model.
+"""
 from .modeling.loss import *  # noqa: F401,F403
 from .modeling.loss import __all__  # noqa: F401

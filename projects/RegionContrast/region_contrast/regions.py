@@ -1,4 +1,7 @@
-"""Public name of METHOD.md (``region_contrast.regions.region_centers``); the code is in
-:mod:`region_contrast.modeling.regions`."""
+"""
+``region_contrast.regions.region_centers`` is a documented import path of the method (docs/method.md,
+section 2); it stays so that code written against it keeps working. The code is in
+:mod:`region_contrast.modeling.regions`, beside the rest of the model.
+"""
 from .modeling.regions import *  # noqa: F401,F403
 from .modeling.regions import __all__  # noqa: F401

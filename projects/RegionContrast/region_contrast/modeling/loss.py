@@ -1,5 +1,5 @@
 """
-Region contrastive loss against a class-labelled memory (METHOD.md section 4).
+Region contrastive loss against a class-labelled memory (docs/method.md, section 4).
 
 For an anchor ``a`` of class ``c`` and temperature ``t``, positives ``P`` are the memory rows of
 class ``c`` and negatives ``N`` the rows of other classes::

@@ -1,5 +1,5 @@
 """
-Per-class FIFO memory of region embeddings (METHOD.md section 3).
+Per-class FIFO memory of region embeddings (docs/method.md, section 3).
 
 The state lives in persistent buffers, so checkpoints and resume carry it. Under
 ``torch.distributed`` every push is all-gathered first, so all ranks hold the same bank (DDP's

@@ -1,4 +1,4 @@
-"""The projection head of the contrast (METHOD.md section 1) and the map to unit vectors."""
+"""The projection head of the contrast (docs/method.md, section 1) and the map to unit vectors."""
 from typing import Optional
 
 import torch

@@ -1,5 +1,5 @@
 """
-Region pooling: one vector per (image, class) present in that image (METHOD.md section 2).
+Region pooling: one vector per (image, class) present in that image (docs/method.md, section 2).
 
 A *region* is the set of pixels of one class in one image. Each pixel gets the key
 ``image * num_classes + class``; the keys that occur, in ascending order, are the regions (so
@@ -170,7 +170,7 @@ def sample_region_pixels(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    Draws up to ``per_region`` pixels from each region without replacement (METHOD.md section 5).
+    Draws up to ``per_region`` pixels from each region without replacement (docs/method.md, section 5).
 
     ``per_region // 2`` of them are hard pixels (``hard_mask`` True, e.g. mis-classified) where
     the region has that many; the rest are drawn uniformly from the region's remaining pixels
@@ -227,7 +227,7 @@ def dynamic_subset_centers(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
-    "Dynamic sampling", this project's reading of the paper (METHOD.md section 6).
+    "Dynamic sampling", this project's reading of the paper (docs/method.md, section 6).
 
     For each region, ``samples`` extra vectors, each the mean of a random subset of the region's
     pixels: every pixel is kept independently with probability ``fraction``, and a subset that
