@@ -318,7 +318,7 @@ BENCHMARKS = {
                             "coco_2017_val_panoptic_stuffonly"),
 }
 NAME = re.compile(
-    r"deeplab_(?P<head>v3_plus|v3)_R_101_os(?P<os>8|16)_(?P<rc>region_contrast_)?"
+    r"deeplab_(?P<head>v3_plus|v3)_R_101_os(?P<os>8|16)_(?P<rc>region_contrast_(?P<proj>proj256_)?)?"
     r"(?P<data>[a-z0-9_]+)_(?P<iters>\d+)k_bs(?P<batch>\d+)\.yaml"
 )
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -350,6 +350,8 @@ def test_benchmark_recipes_spell_their_settings_and_come_in_twins(folder):
             "v3_plus": "RegionContrastDeepLabV3PlusHead", "v3": "RegionContrastDeepLabV3Head"
         }[m["head"]]
         assert cfg.MODEL.REGION_CONTRAST.ENABLED == bool(m["rc"])
+        # No projection head unless the name says so (the release's and the study's setting).
+        assert cfg.MODEL.REGION_CONTRAST.PROJ_DIM == (256 if m["proj"] else 0)
         assert (cfg.SOLVER.MAX_ITER, cfg.SOLVER.IMS_PER_BATCH) == (
             int(m["iters"]) * 1000, int(m["batch"]))
         assert cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == classes
@@ -369,7 +371,9 @@ def test_benchmark_recipes_spell_their_settings_and_come_in_twins(folder):
         assert cfg.OUTPUT_DIR.endswith(os.path.basename(path)[: -len(".yaml")])
         # The bank fits comfortably on any GPU.
         rc = cfg.MODEL.REGION_CONTRAST
-        nbytes = classes * rc.MEMORY_SIZE * rc.PROJ_DIM * DTYPE_BYTES[rc.MEMORY_DTYPE]
+        dim = rc.PROJ_DIM or (cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM if m["head"] == "v3_plus"
+                              else cfg.MODEL.SEM_SEG_HEAD.ASPP_CHANNELS)
+        nbytes = classes * rc.MEMORY_SIZE * dim * DTYPE_BYTES[rc.MEMORY_DTYPE]
         assert nbytes < 200e6 and rc.WARMUP_ITERS > 0
         # Whole-image evaluation (and TTA) needs sizes that the crop-fixed ASPP pooling tiles.
         if not cfg.TEST.SLIDING_WINDOW.ENABLED:
@@ -377,6 +381,11 @@ def test_benchmark_recipes_spell_their_settings_and_come_in_twins(folder):
             assert slug == "cityscapes"  # 1024x2048 images: a known size
             for short in [cfg.INPUT.MIN_SIZE_TEST, *cfg.TEST.AUG.MIN_SIZES]:
                 assert short % crop[0] == 0 and (2 * short) % crop[1] == 0, short
+        if m["proj"]:
+            # The paper's projection head on the otherwise same twin.
+            twin = load(path.replace("_proj256_", "_"))
+            twin.MODEL.REGION_CONTRAST.PROJ_DIM, twin.OUTPUT_DIR = 256, cfg.OUTPUT_DIR
+            assert cfg == twin, path
         if not m["rc"]:
             twin_path = path.replace(f"_{slug}_", f"_region_contrast_{slug}_")
             assert os.path.exists(twin_path), f"no RegionContrast twin for {path}"

@@ -17,6 +17,7 @@ from .recipes import (
     cityscapes_cfg,
     digit_scenes_batch,
     digit_scenes_cfg,
+    digit_scenes_fpn_cfg,
     memory_table,
     street_batch,
 )
@@ -57,15 +58,23 @@ def _threads(args, device, load_before):
     return usable, "all usable cores"
 
 
+# The recipe name of the DigitScenes Semantic FPN rows.
+FPN = "DigitScenes Semantic FPN"
+
+
 def run_train_and_inference(args, device, log):
-    """Parts 1 and 2 on DigitScenes and Cityscapes: (train_step, inference) lists."""
+    """Parts 1 and 2 on DigitScenes (DeepLabV3+ and Semantic FPN) and Cityscapes: (train_step,
+    inference) lists."""
     digit_cfg, digit_src = digit_scenes_cfg()
+    fpn_cfg, fpn_src = digit_scenes_fpn_cfg()
     city_cfg, city_src = cityscapes_cfg()
     reps, cuda = args.repeats, device.type == "cuda"
     if args.quick:
         plans = [
             ("DigitScenes", digit_cfg, digit_src, (64, 64), 2, digit_scenes_batch, False, 1,
              reps or 2, reps or 2),
+            (FPN, fpn_cfg, fpn_src, (64, 64), 2, digit_scenes_batch, False, 1, reps or 2,
+             reps or 2),
             ("Cityscapes", city_cfg, city_src, (64, 128), 1, street_batch, False, 1, reps or 2,
              reps or 2),
         ]
@@ -82,6 +91,8 @@ def run_train_and_inference(args, device, log):
             ("DigitScenes", digit_cfg, digit_src, tuple(digit_cfg.INPUT.CROP.SIZE),
              digit_cfg.SOLVER.IMS_PER_BATCH, digit_scenes_batch, False, 2, reps or 30,
              reps or 20),
+            (FPN, fpn_cfg, fpn_src, tuple(fpn_cfg.INPUT.CROP.SIZE),
+             fpn_cfg.SOLVER.IMS_PER_BATCH, digit_scenes_batch, False, 2, reps or 30, reps or 20),
             ("Cityscapes", city_cfg, city_src, city_crop, city_batch, street_batch, cuda,
              2 if cuda else 1, reps or (20 if cuda else 4), reps or (10 if cuda else 2)),
         ]
@@ -90,7 +101,7 @@ def run_train_and_inference(args, device, log):
         log(f"part 1+2: {name} {batch} x {crop}")
         # The targets within a few percent (DigitScenes; Cityscapes on a GPU, whose pairs
         # scatter by +-30% on a shared machine) are measured in several blocks.
-        targeted = name == "DigitScenes" or (cuda and name == "Cityscapes")
+        targeted = name in ("DigitScenes", FPN) or (cuda and name == "Cityscapes")
         blocks = 6 if targeted and not args.quick else 1
         train, infer = bench_recipe_blocks(blocks, name, cfg, src, device, crop=crop,
                                            batch_size=batch, make_batch=maker, amp=amp,
@@ -173,6 +184,7 @@ def run_gpu_recipes(args, device, city_cfg, city_train, log):
 def targets(report, cuda):
     """Each target's measured value and whether it is met (None: no target on this device)."""
     digit = next(t for t in report["train_step"] if t["recipe"] == "DigitScenes")
+    fpn = next(t for t in report["train_step"] if t["recipe"] == FPN)
     cases = report["contrast"]["cases"]
     at171 = [c for c in cases if c["num_classes"] == 171]
     for i in report["inference"]:
@@ -185,6 +197,9 @@ def targets(report, cuda):
         "digitscenes_train_ratio<=1.05": {"value": round(digit["ratio_median"], 4),
                                           "interval_95": digit.get("ratio_interval_95"),
                                           "met": None if cuda else digit["ratio_median"] <= 1.05},
+        "digitscenes_fpn_train_ratio<=1.05": {"value": round(fpn["ratio_median"], 4),
+                                              "interval_95": fpn.get("ratio_interval_95"),
+                                              "met": None if cuda else fpn["ratio_median"] <= 1.05},
         "inference_ratio==1.00_within_noise": {
             "value": [round(i["ratio_median"], 4) for i in inference],
             "met": all(abs(i["ratio_median"] - 1.0) <= i["noise"] for i in inference)},

@@ -41,8 +41,12 @@ def find_recipe(folder, accept):
     return None, None
 
 
+def _is_deeplab_v3_plus(cfg):
+    return "V3Plus" in cfg.MODEL.SEM_SEG_HEAD.NAME
+
+
 def digit_scenes_cfg():
-    path, cfg = find_recipe("DigitScenes", lambda c: True)
+    path, cfg = find_recipe("DigitScenes", _is_deeplab_v3_plus)
     if cfg is None:
         path = os.path.join(CONFIGS, "Base-DigitScenes.yaml")
         cfg = _merged_cfg(path)
@@ -51,6 +55,15 @@ def digit_scenes_cfg():
     else:
         source = os.path.relpath(path, REPO)
     return cfg, source
+
+
+def digit_scenes_fpn_cfg():
+    """The DigitScenes Semantic FPN recipe with region contrast (RegionContrastHead)."""
+    path, cfg = find_recipe("DigitScenes", lambda c: c.MODEL.REGION_CONTRAST.HEAD_NAME
+                            == "SemSegFPNHead" and c.MODEL.SEM_SEG_HEAD.NAME == "RegionContrastHead")
+    if cfg is None:
+        raise FileNotFoundError("configs/DigitScenes has no Semantic FPN region contrast recipe")
+    return cfg, os.path.relpath(path, REPO)
 
 
 def _is_cityscapes_r101_v3plus(cfg):
@@ -232,7 +245,9 @@ def _embedding_dim(cfg):
     if rc.PROJ_DIM:
         return rc.PROJ_DIM
     head = cfg.MODEL.SEM_SEG_HEAD
-    return head.CONVS_DIM if "V3Plus" in head.NAME else head.ASPP_CHANNELS
+    name = rc.HEAD_NAME if head.NAME == "RegionContrastHead" else head.NAME
+    # DeepLabV3's classifier reads the ASPP output; DeepLabV3+'s and Semantic FPN's CONVS_DIM.
+    return head.ASPP_CHANNELS if name.endswith("DeepLabV3Head") else head.CONVS_DIM
 
 
 def memory_table(extra):

@@ -100,6 +100,7 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
     interleaved train-step times (:func:`compare`'s dict), for :func:`bench_recipe_blocks`.
     """
     from detectron2.modeling import build_model
+    from detectron2.projects.deeplab import DeepLabV3Head
     from region_contrast import find_region_contrast
     from detectron2.utils.events import EventStorage
     from region_contrast.engine.solver import build_optimizer
@@ -258,8 +259,10 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
         "baseline": sum(p.numel() for p in baseline.parameters()),
     }
     # The step's feature map: what the contrast machinery pools (for part 3's comparison).
-    stride = rc_cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE if "V3Plus" in rc_cfg.MODEL.SEM_SEG_HEAD.NAME \
-        else rc.backbone.output_shape()[rc_cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES[0]].stride
+    # DeepLabV3's classifier reads the ASPP output at its input's stride; the other heads' at
+    # COMMON_STRIDE.
+    stride = rc.backbone.output_shape()[rc_cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES[0]].stride \
+        if isinstance(rc.sem_seg_head, DeepLabV3Head) else rc_cfg.MODEL.SEM_SEG_HEAD.COMMON_STRIDE
     rc_section = rc_cfg.MODEL.REGION_CONTRAST
     common = {
         "recipe": name,
