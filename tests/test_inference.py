@@ -13,9 +13,11 @@ import region_contrast  # noqa: F401
 from conftest import load_train_net, tiny_digit_scenes, unregister
 from conftest import make_cfg as tiny_cfg
 from detectron2.data.transforms import ResizeTransform
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import SemanticSegmentor, build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
+from region_contrast import RegionContrastSegmentor
 from region_contrast.engine import get_region_contrast_cfg
 from region_contrast.evaluation.sliding_window import window_starts
 from region_contrast.evaluation.test_time_augmentation import SemanticSegmentorWithTTA
@@ -296,6 +298,38 @@ def test_eval_only_with_tta_returns_both_evaluations(tiny_scenes, tmp_path):
                           / "sem_seg_evaluation.pth")
 
 
+def test_eval_only_with_detectron2s_default_tta_scales(tiny_scenes, tmp_path):
+    """As a new user types it: the recipe, --eval-only, TEST.AUG.ENABLED True, nothing else.
+    Detectron2's default scales (400-1200, flip) do not tile the 128x128 pooling window."""
+    one = "tta_digit_scenes_val_one"
+    DatasetCatalog.register(one, lambda: DatasetCatalog.get("tta_digit_scenes_val")[:1])
+    MetadataCatalog.get(one).set(**{k: v for k, v in MetadataCatalog.get(
+        "tta_digit_scenes_val").as_dict().items() if k != "name"})
+    try:
+        results = run(load_train_net(), [
+            "DATASETS.TEST", f"('{one}',)", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "",
+            "TEST.AUG.ENABLED", "True"], "--eval-only")
+    finally:
+        unregister([one])
+    assert set(results) == {"sem_seg", "sem_seg_TTA"}
+    assert 0 <= results["sem_seg_TTA"]["mIoU"] <= 100
+
+
+def test_scales_that_do_not_tile_the_pooling_window_are_evaluated_in_windows():
+    model = build_model(tiny_cfg())  # DeepLabV3+ whose ASPP pools over the 64x64 crop
+    assert isinstance(model, RegionContrastSegmentor) and model.tile_size == (64, 64)
+    model.eval()
+    odd = {"image": uint8_image(100, 150).float(), "height": 100, "width": 150}
+    tiled = {"image": uint8_image(128, 192).float(), "height": 128, "width": 192}
+    with torch.no_grad():
+        got = model([odd])[0]["sem_seg"]
+        expected = model.sliding_window_inference([odd], (64, 64), (42, 42))[0]["sem_seg"]
+        assert torch.equal(got, expected)
+        # Sizes that tile it are evaluated whole, as Detectron2's SemanticSegmentor does.
+        whole = SemanticSegmentor.forward(model, [tiled])[0]["sem_seg"]
+        assert torch.equal(model([tiled])[0]["sem_seg"], whole)
+
+
 def test_training_ends_with_a_tta_evaluation(tiny_scenes, tmp_path):
     results = run(load_train_net(), tta_opts(tmp_path, 1))
     assert set(results) == {"sem_seg", "sem_seg_TTA"}
@@ -419,6 +453,9 @@ def test_benchmark_recipe_builds_on_the_cpu(recipe):
     assert model.backbone.output_shape()["res5"].stride == 8
     if cfg.TEST.SLIDING_WINDOW.ENABLED:
         assert model.window_size == tuple(cfg.TEST.SLIDING_WINDOW.CROP_SIZE)
+    # Whole-image evaluation (and any TTA scale) falls back to windows of the crop for images
+    # that do not tile it.
+    assert model.tile_size == tuple(cfg.INPUT.CROP.SIZE)
 
 
 # --------------------------------------------------------------------------------------------

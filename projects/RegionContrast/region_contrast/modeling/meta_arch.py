@@ -13,8 +13,10 @@ import logging
 from typing import Optional, Sequence
 
 from detectron2.config import configurable
+from detectron2.layers import ASPP
 from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.utils.logger import log_first_n
 
 from ..evaluation.sliding_window import sliding_window_logits
 from .head_contrast import add_region_contrast_from_config, find_region_contrast
@@ -62,6 +64,17 @@ def _sliding_window_from_cfg(cfg, size_divisibility):
     }
 
 
+def _pooling_window(cfg, head):
+    """
+    The input size a DeepLab head's ASPP pools over (its image branch averages a window fixed by
+    an absolute ``INPUT.CROP.SIZE``), or None when the head has no such window.
+    """
+    fixed = any(isinstance(m, ASPP) and m.pool_kernel_size is not None for m in head.modules())
+    if not (fixed and cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute"):
+        return None
+    return tuple(int(s) for s in cfg.INPUT.CROP.SIZE)
+
+
 @META_ARCH_REGISTRY.register()
 class RegionContrastSegmentor(SemanticSegmentor):
     """
@@ -80,6 +93,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
         window_size: Optional[Sequence[int]] = None,
         window_stride: Optional[Sequence[int]] = None,
         window_batch_size: int = 4,
+        tile_size: Optional[Sequence[int]] = None,
     ):
         """
         Args:
@@ -87,6 +101,9 @@ class RegionContrastSegmentor(SemanticSegmentor):
             window_size, window_stride: (height, width) of the windows of sliding-window
                 evaluation and of the step between them; None evaluates the whole image.
             window_batch_size: windows per forward pass in sliding-window evaluation.
+            tile_size: (height, width) that whole-image evaluation needs the (padded) image
+                size to be a multiple of, e.g. the crop over which a DeepLab head's ASPP pools;
+                other images are evaluated in windows of that size. None: any size.
         """
         super().__init__(
             backbone=backbone, sem_seg_head=sem_seg_head, pixel_mean=pixel_mean, pixel_std=pixel_std
@@ -96,11 +113,13 @@ class RegionContrastSegmentor(SemanticSegmentor):
         self.window_size = None if window_size is None else tuple(window_size)
         self.window_stride = None if window_stride is None else tuple(window_stride)
         self.window_batch_size = window_batch_size
+        self.tile_size = None if tile_size is None else tuple(tile_size)
 
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
         ret.update(_sliding_window_from_cfg(cfg, ret["backbone"].size_divisibility))
+        ret["tile_size"] = _pooling_window(cfg, ret["sem_seg_head"])
         if find_region_contrast(ret["sem_seg_head"]) is None:
             ret["sem_seg_head"] = add_region_contrast_from_config(ret["sem_seg_head"], cfg)
         return ret
@@ -132,9 +151,28 @@ class RegionContrastSegmentor(SemanticSegmentor):
     def forward(self, batched_inputs):
         if not self.training and self.window_size is not None:
             return self.sliding_window_inference(batched_inputs)
+        if not self.training and self.tile_size is not None and not all(
+            self._tiles(x["image"]) for x in batched_inputs
+        ):
+            # Any test scale a user asks for (TEST.AUG.MIN_SIZES included) evaluates, instead of
+            # stopping in the ASPP pooling: such images go through windows of the pooled size.
+            log_first_n(
+                logging.INFO,
+                f"Images whose size is not a multiple of {self.tile_size} (the window the "
+                f"head's ASPP pools over) are evaluated in sliding windows of that size.",
+                name=__name__,
+            )
+            stride = tuple(max(1, 2 * t // 3) for t in self.tile_size)
+            return self.sliding_window_inference(batched_inputs, self.tile_size, stride)
         return super().forward(batched_inputs)
 
-    def sliding_window_inference(self, batched_inputs):
+    def _tiles(self, image):
+        """Whether the image, padded as the parent pads it, is a multiple of ``tile_size``."""
+        divisor = self.backbone.size_divisibility
+        size = [s if divisor <= 0 else -(-s // divisor) * divisor for s in image.shape[-2:]]
+        return all(s % t == 0 for s, t in zip(size, self.tile_size))
+
+    def sliding_window_inference(self, batched_inputs, window_size=None, window_stride=None):
         """
         The parent's inference, each image evaluated in overlapping windows of ``window_size``
         (see :mod:`region_contrast.evaluation.sliding_window`): the logits of the windows are
@@ -145,8 +183,8 @@ class RegionContrastSegmentor(SemanticSegmentor):
         for x in batched_inputs:
             image = (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
             logits = sliding_window_logits(
-                image, self._window_logits, self.window_size, self.window_stride,
-                self.window_batch_size,
+                image, self._window_logits, window_size or self.window_size,
+                window_stride or self.window_stride, self.window_batch_size,
             )
             image_size = tuple(image.shape[-2:])
             height = x.get("height", image_size[0])
