@@ -32,8 +32,8 @@ class SemanticSegmentorWithTTA(nn.Module):
     batch; different scales run separately, so no image is padded to another's size.
 
     Note: DeepLab heads trained with an absolute crop pool their ASPP image branch over a window
-    fixed by ``INPUT.CROP.SIZE``; whole-image evaluation then needs every scale to be a multiple
-    of the crop. Enable ``TEST.SLIDING_WINDOW`` for arbitrary scales.
+    fixed by ``INPUT.CROP.SIZE``; ``RegionContrastSegmentor`` evaluates scales that are not a
+    multiple of it in sliding windows of the crop, so any scale works with it.
     """
 
     def __init__(self, cfg, model, batch_size=None):
