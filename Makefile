@@ -26,8 +26,10 @@ data: install
 demo: data
 	$(PY) train_net.py --config-file $(DEMO_CONFIG)
 
-# pytest exits 5 when a selection (PYTEST_ARGS="-k ...") collects nothing: say so, not fail.
+# The lint first (.flake8: Detectron2's settings), then the suite. pytest exits 5 when a
+# selection (PYTEST_ARGS="-k ...") collects nothing: say so, not fail.
 test: install
+	$(PY) -m flake8
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "warning: pytest collected no tests" >&2; exit 0; fi; exit $$rc
 

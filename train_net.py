@@ -2,7 +2,8 @@
 """
 Train and evaluate RegionContrast (and its Detectron2 baselines) for semantic segmentation.
 
-    python train_net.py --config-file configs/DigitScenes/<recipe>.yaml [--num-gpus 8] [KEY VALUE ...]
+    python train_net.py --config-file configs/DigitScenes/<recipe>.yaml [--num-gpus 8] \
+        [KEY VALUE ...]
     python train_net.py --config-file <recipe>.yaml --eval-only MODEL.WEIGHTS <checkpoint>.pth
     python train_net.py --config-file <recipe>.yaml --eval-only MODEL.WEIGHTS <checkpoint>.pth \
         TEST.AUG.ENABLED True        # also multi-scale + flip test-time augmentation

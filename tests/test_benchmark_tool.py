@@ -53,9 +53,12 @@ def test_all_sections_present(report):
     assert "1. train step" in stdout and "3. contrast machinery" in stdout
 
 
+RECIPES = {"DigitScenes", "DigitScenes Semantic FPN", "Cityscapes"}
+
+
 def test_train_step_and_inference(report):
     r, _ = report
-    assert {t["recipe"] for t in r["train_step"]} == {"DigitScenes", "DigitScenes Semantic FPN", "Cityscapes"}
+    assert {t["recipe"] for t in r["train_step"]} == RECIPES
     for t in r["train_step"]:
         assert _stats_ok(t["rc_s"]) and _stats_ok(t["baseline_s"])
         assert t["ratio_median"] > 0 and t["ratio_of_medians"] > 0
@@ -66,7 +69,7 @@ def test_train_step_and_inference(report):
         assert mem["bank_bytes"] > 0 and mem["persistent_extra_bytes"] >= mem["bank_bytes"]
         for key in ("rc_step_peak_bytes", "baseline_step_peak_bytes"):
             assert mem[key] is None or mem[key] > 0
-    assert {i["recipe"] for i in r["inference"]} == {"DigitScenes", "DigitScenes Semantic FPN", "Cityscapes"}
+    assert {i["recipe"] for i in r["inference"]} == RECIPES
     for i in r["inference"]:
         assert _stats_ok(i["rc_s"]) and _stats_ok(i["baseline_s"])
         assert i["ratio_median"] > 0

@@ -161,7 +161,8 @@ class _UserHead(nn.Module):
         super().__init__()
         self.in_feature = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES[0]
         self.stride = input_shape[self.in_feature].stride
-        width, num_classes = input_shape[self.in_feature].channels, cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        width = input_shape[self.in_feature].channels
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         self.tower = nn.Conv2d(width, 24, 3, padding=1)
         self.act = nn.ReLU()
         # flat: the classifier reads (N, C, H*W), not a map.

@@ -353,7 +353,8 @@ BENCHMARKS = {
                             "coco_2017_val_panoptic_stuffonly"),
 }
 NAME = re.compile(
-    r"deeplab_(?P<head>v3_plus|v3)_R_101_os(?P<os>8|16)_(?P<rc>region_contrast_(?P<proj>proj256_)?)?"
+    r"deeplab_(?P<head>v3_plus|v3)_R_101_os(?P<os>8|16)_"
+    r"(?P<rc>region_contrast_(?P<proj>proj256_)?)?"
     r"(?P<data>[a-z0-9_]+)_(?P<iters>\d+)k_bs(?P<batch>\d+)\.yaml"
 )
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -438,7 +439,8 @@ BUILDS = [
     "ADE20K/deeplab_v3_R_101_os8_region_contrast_ade20k_160k_bs16.yaml",
     "COCO-Stuff-164k/deeplab_v3_plus_R_101_os8_coco_stuff_164k_80k_bs16.yaml",
     "COCO-Stuff-10k/deeplab_v3_R_101_os8_coco_stuff_10k_40k_bs16.yaml",
-    "COCO-Panoptic-Stuff/deeplab_v3_plus_R_101_os8_region_contrast_coco_panoptic_stuff_80k_bs16.yaml",
+    "COCO-Panoptic-Stuff/"
+    "deeplab_v3_plus_R_101_os8_region_contrast_coco_panoptic_stuff_80k_bs16.yaml",
 ]
 
 

@@ -1,4 +1,4 @@
-"""tools/install_detectron2.py --sdist: bad input is refused before anything is built or installed."""
+"""tools/install_detectron2.py --sdist: bad input is refused before anything is built."""
 import os
 import subprocess
 import sys

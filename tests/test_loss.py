@@ -267,8 +267,6 @@ def test_float64_anchors_against_a_float32_memory_are_computed_in_float64():
     torch.testing.assert_close(grad, same_grad, rtol=1e-15, atol=0.0)
 
 
-
-
 def test_chunks_keep_nothing_of_the_logits_size_for_the_backward():
     # COCO-Stuff scale: 171 classes x 64 slots against 300 anchors; chunks of 2^16 logits.
     g = torch.Generator().manual_seed(30)

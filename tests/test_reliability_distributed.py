@@ -140,7 +140,8 @@ def test_ranks_stay_identical_and_match_single_process(tmp_path, world_size):
             assert torch.equal(value, state[key]), f"rank {rank} differs from rank 0 in {key}"
 
     bank_count = states[0]["sem_seg_head.region_contrast.memory_bank.count"]
-    assert int(bank_count.sum()) > 0 and int(states[0]["sem_seg_head.region_contrast.memory_bank.ptr"].sum()) > 0
+    assert int(bank_count.sum()) > 0
+    assert int(states[0]["sem_seg_head.region_contrast.memory_bank.ptr"].sum()) > 0
     # The empty rank added nothing at its empty step; the others did.
     grew = [int(c.sum()) for c in results[0]["counts"]]
     assert grew[0] > 0 and grew[EMPTY_STEP] > grew[EMPTY_STEP - 1]

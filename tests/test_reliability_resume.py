@@ -256,10 +256,11 @@ def test_resume_equals_uninterrupted_run(resume_scenes, tmp_path, monkeypatch):
     train_net.main(parse_args("--resume", *resume_opts(interrupted)))
     got = load(interrupted / "model_final.pth")
 
-    bank = {k: v for k, v in expected["model"].items() if k.startswith("sem_seg_head.region_contrast.memory_bank.")}
-    assert set(bank) == {f"sem_seg_head.region_contrast.memory_bank.{k}" for k in ("features", "ptr", "count")}
+    prefix = "sem_seg_head.region_contrast.memory_bank."
+    bank = {k: v for k, v in expected["model"].items() if k.startswith(prefix)}
+    assert set(bank) == {prefix + k for k in ("features", "ptr", "count")}
     assert int(bank["sem_seg_head.region_contrast.memory_bank.count"].sum()) > 0
-    assert int(bank["sem_seg_head.region_contrast.memory_bank.ptr"].sum()) > 0  # some rings have wrapped
+    assert int(bank[prefix + "ptr"].sum()) > 0  # some rings have wrapped
     tree_equal(expected["model"], got["model"], "model")  # weights, BN statistics, bank
     tree_equal(expected["trainer"], got["trainer"], "trainer")  # optimizer, scheduler, iteration
     evaluation = os.path.join("inference", "resume_scenes_val", "sem_seg_evaluation.pth")

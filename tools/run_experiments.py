@@ -88,6 +88,7 @@ def baseline_of(setting):
     """The baseline of ``setting``'s regime (itself for a baseline)."""
     return BASELINE_OF_REGIME[SETTINGS[setting][0]]
 
+
 # A schedule that exercises every code path in seconds (the numbers mean nothing).
 QUICK_OPTS = [
     "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "1", "SOLVER.IMS_PER_BATCH", "2",
@@ -193,8 +194,8 @@ def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=Non
     fall_back_to_cpu(cfg)
     cfg.freeze()
     model = Trainer.build_model(cfg)
-    checkpoint = cfg.MODEL.WEIGHTS if args.eval_only else os.path.join(cfg.OUTPUT_DIR,
-                                                                      "model_final.pth")
+    checkpoint = (cfg.MODEL.WEIGHTS if args.eval_only
+                  else os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
     DetectionCheckpointer(model).load(checkpoint)
     mapper = ValidatingDatasetMapper(cfg, is_train=True, augmentations=[])
     diagnostics = feature_diagnostics(model, DatasetCatalog.get(cfg.DATASETS.TEST[0]), mapper,
@@ -214,8 +215,8 @@ def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=Non
         "diagnostics": diagnostics,
     }
     if trained_in is not None:
-        record["trained_in"] = {k: trained_in[k] for k in ("stage", "commit", "machine", "date",
-                                                            "wall_s", "argv")}
+        record["trained_in"] = {k: trained_in[k] for k in (
+            "stage", "commit", "machine", "date", "wall_s", "argv")}
     os.makedirs(os.path.dirname(record_path), exist_ok=True)
     atomic_write(record_path, lambda f: json.dump(record, f, indent=1), mode="w")
     return record
@@ -357,8 +358,8 @@ def table(title, summary, notes=()):
     lines += ["", "Per-class IoU (mean over seeds):", "",
               "| class | " + " | ".join(summary) + " |", "|---|" + "---|" * len(summary)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{s['per_class'][name]:.1f}"
-                                               for s in summary.values()) + " |")
+        cells = [f"{s['per_class'][name]:.1f}" for s in summary.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

@@ -33,7 +33,6 @@ from region_contrast.visualisation.memory_plots import memory_summary_images
 from region_contrast.visualisation.memory_summary import bank_from_state_dict
 
 
-
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("checkpoint", help="a .pth written by train_net.py (e.g. model_final.pth)")

@@ -1,4 +1,5 @@
-"""Part 3: the contrast machinery alone, against the naive per-class loops of the authors' approach."""
+"""Part 3: the contrast machinery alone, against the naive per-class loops of the authors'
+approach."""
 import statistics
 
 import torch
@@ -159,7 +160,8 @@ def bench_contrast_case(num_classes, bank_size, samples_per_class, sizes, device
         return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
     agreement = {
-        "same_regions": bool(torch.equal(classes, naive_classes) and torch.equal(classes, classes64)),
+        "same_regions": bool(torch.equal(classes, naive_classes)
+                             and torch.equal(classes, classes64)),
         "centers_rel_err_fast_vs_float64": rel_err(centers, centers64),
         "centers_rel_err_naive_vs_float64": rel_err(naive_centers, centers64),
         "loss_fast": float(loss_fast),

@@ -59,8 +59,9 @@ def digit_scenes_cfg():
 
 def digit_scenes_fpn_cfg():
     """The DigitScenes Semantic FPN recipe with region contrast (RegionContrastHead)."""
-    path, cfg = find_recipe("DigitScenes", lambda c: c.MODEL.REGION_CONTRAST.HEAD_NAME
-                            == "SemSegFPNHead" and c.MODEL.SEM_SEG_HEAD.NAME == "RegionContrastHead")
+    path, cfg = find_recipe("DigitScenes", lambda c: (
+        c.MODEL.SEM_SEG_HEAD.NAME == "RegionContrastHead"
+        and c.MODEL.REGION_CONTRAST.HEAD_NAME == "SemSegFPNHead"))
     if cfg is None:
         raise FileNotFoundError("configs/DigitScenes has no Semantic FPN region contrast recipe")
     return cfg, os.path.relpath(path, REPO)

@@ -280,7 +280,7 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
         "feature_map": [batch_size, rc.sem_seg_head.predictor.in_channels, crop[0] // stride,
                         crop[1] // stride],
     }
-    del rc, baseline, batches
+    del rc, baseline
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {**common, **train}, {**common, **inference}

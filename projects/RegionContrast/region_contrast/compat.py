@@ -13,6 +13,9 @@ Imported by ``region_contrast/__init__.py`` before anything imports Detectron2.
   ``deeplearning.projects.cityscapesApi.cityscapesscripts``, a path that exists only inside Meta
   (upstream issue 5436): :func:`alias_cityscapes_api`, called when a Cityscapes evaluator is built.
 
+- fvcore's and Detectron2's import-time ``torch.jit.script`` calls warn on torch 2.10+: those
+  imports are made here with that one warning silenced.
+
 Not restored: ``pkg_resources`` (setuptools 81 removed it; ``detectron2.model_zoo`` imports it,
 nothing of this project does). A stand-in would break the real module's other users (pytest's
 ``monkeypatch.syspath_prepend`` among them); ``make`` installs ``setuptools<81`` instead.
@@ -22,6 +25,7 @@ import importlib.util
 import inspect
 import sys
 import types
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -95,9 +99,26 @@ def alias_cityscapes_api():
     return True
 
 
+# Modules that call torch.jit.script at import: fvcore.nn (two loss functions) and Detectron2's
+# box_regression (via detectron2.modeling).
+JIT_SCRIPTING_MODULES = ("fvcore.nn", "detectron2.modeling")
+
+
+def _import_jit_scripting_modules_quietly():
+    # torch 2.10+ answers each import-time torch.jit.script with a FutureWarning that nobody
+    # running this project can act on. Only these imports are silenced; later torch.jit.script
+    # calls, the project's own warnings and everyone else's still show.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                                category=FutureWarning)
+        for name in JIT_SCRIPTING_MODULES:
+            importlib.import_module(name)
+
+
 def apply():
     _numpy_aliases()
     _pillow_aliases()
+    _import_jit_scripting_modules_quietly()
 
 
 apply()

@@ -1,6 +1,6 @@
 """
-``region_contrast.loss.region_contrast_loss`` is a documented import path of the method (docs/method.md,
-section 4); it stays so that code written against it keeps working. The code is in
+``region_contrast.loss.region_contrast_loss``: a documented import path (docs/method.md);
+it stays so that code written against it keeps working. The code is in
 :mod:`region_contrast.modeling.loss`, beside the rest of the model.
 """
 from .modeling.loss import *  # noqa: F401,F403

@@ -3,7 +3,8 @@ COCO-Stuff: 171 classes (80 COCO "things" + 91 "stuff"), in two releases.
 
 **COCO-Stuff-164k** (all of COCO 2017): ``coco_2017_train_stuff_164k_sem_seg`` and
 ``coco_2017_val_stuff_164k_sem_seg``, also registered under the names MaskFormer and Mask2Former
-use, ``coco_2017_train_stuff_sem_seg`` and ``coco_2017_test_stuff_sem_seg`` (val2017). The official ``stuffthingmaps_trainval2017.zip`` holds one
+use, ``coco_2017_train_stuff_sem_seg`` and ``coco_2017_test_stuff_sem_seg`` (val2017). The
+official ``stuffthingmaps_trainval2017.zip`` holds one
 uint8 PNG per image whose value is the COCO-Stuff id minus 1 (0..181; 255 = unlabeled). COCO ids
 1..182 leave 11 thing ids unused, so :func:`prepare_coco_stuff_164k` maps the 171 used raw values
 to contiguous ids 0..170 in id order and everything else (255, the unused ids) to 255, into
@@ -400,7 +401,7 @@ def register_coco_stuff_164k(root, *, name_prefix="coco_2017"):
     for name, split in zip(names, SPLITS_164K * 2):
         image_dir, _, gt_dir = _dirs_164k(root, split)
         P.register_split(
-                name,
+            name,
             lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g, PREPARE_164K, DOWNLOADS_164K),
             _metadata(image_dir, gt_dir),
         )

@@ -9,7 +9,8 @@ Every prepare script follows the same contract, implemented here once:
 - source files are only read, never modified, moved or renamed;
 - each output is written to a temporary file in its own folder (a hidden name that no loader
   lists, see :mod:`region_contrast.files`) and renamed into place (:func:`write_png_atomic`,
-  :func:`~region_contrast.files.atomic_path`), so an output that exists is complete; a re-run skips complete outputs
+  :func:`~region_contrast.files.atomic_path`), so an output that exists is complete; a re-run
+  skips complete outputs
   and removes the temporary files that an interrupted run left (:func:`remove_stale_temps`);
 - every label value written is checked to be a valid class id or 255 (:func:`check_output_labels`);
 - the work runs on all cores (:func:`parallel_map`, a ``multiprocessing.Pool``) behind a ``tqdm``
@@ -294,7 +295,8 @@ def invalid_label_values(array, num_classes, ignore_value=IGNORE_LABEL):
     The values of ``array`` that are neither a class in ``[0, num_classes)`` nor
     ``ignore_value``, with their pixel counts: ``(values, counts)``, empty when all are valid.
     The one label check of the data sets (prepared outputs, the mapper's and the evaluator's
-    inputs); the model checks its batches with :func:`region_contrast.modeling.regions.check_labels`.
+    inputs); the model checks its batches with
+    :func:`region_contrast.modeling.regions.check_labels`.
     """
     array = np.asarray(array)
     bad = (array >= num_classes) & (array != ignore_value)

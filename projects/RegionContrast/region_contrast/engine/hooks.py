@@ -74,7 +74,8 @@ class MemorySummaryHook(HookBase):
 
     def write_summary(self):
         """Puts the two images into the storage now (does nothing while the bank is empty)."""
-        from ..visualisation.memory_plots import memory_summary_images  # matplotlib only once it is needed
+        # matplotlib only once it is needed
+        from ..visualisation.memory_plots import memory_summary_images
 
         storage = self.trainer.storage
         try:

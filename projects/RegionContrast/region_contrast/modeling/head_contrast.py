@@ -61,7 +61,7 @@ def _feature_module(head: nn.Module, path: str) -> nn.Module:
 
 
 def _targets(args, kwargs):
-    """The head's ``targets`` argument (the second positional one, as meta-architectures pass it)."""
+    """The head's ``targets``: the second positional argument, as meta-architectures pass it."""
     return args[1] if len(args) > 1 else kwargs.get("targets")
 
 

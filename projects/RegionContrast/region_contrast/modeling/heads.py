@@ -55,7 +55,7 @@ class _AllIgnoreSafeLoss:
 
 @SEM_SEG_HEADS_REGISTRY.register()
 class RegionContrastDeepLabV3PlusHead(_AllIgnoreSafeLoss, DeepLabV3PlusHead):
-    """:class:`DeepLabV3PlusHead` with a configurable classifier init and an all-ignore-safe loss."""
+    """:class:`DeepLabV3PlusHead` with a configurable classifier init, all-ignore-safe loss."""
 
     @configurable
     def __init__(self, input_shape, *, predictor_init_std=_DEEPLAB_PREDICTOR_INIT_STD, **kwargs):

@@ -50,8 +50,8 @@ def _mean_cosines(anchors, anchor_classes, memory, memory_classes):
     pair of a kind), from the memory's per-class sums: sum_p a.p = a . (sum of class c's rows).
     """
     num_classes = int(max(anchor_classes.max(), memory_classes.max())) + 1
-    class_sums = memory.new_zeros(num_classes, memory.shape[1]).index_add_(0, memory_classes,
-                                                                          memory)
+    class_sums = memory.new_zeros(num_classes, memory.shape[1]).index_add_(
+        0, memory_classes, memory)
     class_counts = torch.bincount(memory_classes, minlength=num_classes)
     pos_sum = (anchors * class_sums[anchor_classes]).sum()
     all_sum = (anchors @ class_sums.sum(dim=0)).sum()

@@ -170,7 +170,8 @@ def sample_region_pixels(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    Draws up to ``per_region`` pixels from each region without replacement (docs/method.md, section 5).
+    Draws up to ``per_region`` pixels from each region without replacement (docs/method.md,
+    section 5).
 
     ``per_region // 2`` of them are hard pixels (``hard_mask`` True, e.g. mis-classified) where
     the region has that many; the rest are drawn uniformly from the region's remaining pixels

@@ -1,5 +1,6 @@
 """
-Figures of the memory bank (from :mod:`region_contrast.visualisation.memory_summary`), rendered to RGB arrays.
+Figures of the memory bank (from :mod:`region_contrast.visualisation.memory_summary`), rendered
+to RGB arrays.
 
 Used by ``tools/visualize_memory.py`` (PNG files) and by the training-time summary hook
 (TensorBoard images), so both show the same thing. Figures are drawn on matplotlib's Agg canvas

@@ -3,7 +3,8 @@ What the memory bank has learned, as numbers: its entries from a checkpoint, the
 of the class means, and a 2-D projection of the entries.
 
 Pure tensor code (no config, no plotting; scikit-learn only for t-SNE, imported on demand), shared
-by ``tools/visualize_memory.py`` and the training-time summary hook (:mod:`region_contrast.engine.hooks`).
+by ``tools/visualize_memory.py`` and the training-time summary hook
+(:mod:`region_contrast.engine.hooks`).
 Nothing here draws random numbers from the global generators: PCA is an eigen-decomposition and
 subsampling is evenly strided, so calling it during training leaves the run's numerics unchanged.
 """
