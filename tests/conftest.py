@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 
+import pytest
 import torch
 
 import region_contrast  # noqa: F401
@@ -109,6 +110,19 @@ def tiny_digit_scenes(root, prefix, *, num_train=8, num_val=2, num_test=2, size=
     return ds.register_digit_scenes(root, name_prefix=prefix)
 
 
+# The tiny DigitScenes most modules train and evaluate on, generated once per test session.
+TINY = "tiny_digit_scenes"
+
+
+@pytest.fixture(scope="session")
+def tiny_scenes(tmp_path_factory):
+    """``tiny_digit_scenes_{train,val,test}``: 16 / 4 / 2 scenes of 128x128."""
+    root = str(tmp_path_factory.mktemp("tiny_digit_scenes"))
+    names = tiny_digit_scenes(root, TINY, num_train=16, num_val=4, size=128)
+    yield names
+    unregister(names)
+
+
 def unregister(names):
     for name in names:
         if name in DatasetCatalog.list():
@@ -144,6 +158,13 @@ def tree_equal(a, b, path="checkpoint"):
             tree_equal(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture
+def one_thread():
+    """The test runs on one intra-op thread (see :func:`single_thread`)."""
+    with single_thread():
+        yield
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import region_contrast  # noqa: F401
-from conftest import load_train_net, tiny_digit_scenes, unregister
+from conftest import load_train_net, unregister
 from conftest import make_cfg as tiny_cfg
 from detectron2.data.transforms import ResizeTransform
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -248,18 +248,10 @@ def test_tta_works_with_sliding_windows_at_any_scale():
 # train_net: --eval-only and the end of training with TEST.AUG.ENABLED
 
 
-@pytest.fixture(scope="module")
-def tiny_scenes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("d2_datasets"))
-    names = tiny_digit_scenes(root, "tta_digit_scenes", num_train=16, num_val=4, size=128)
-    yield names
-    unregister(names)
-
-
 def tta_opts(output_dir, max_iter, min_sizes="(128,)", sliding=False):
     opts = [
-        "DATASETS.TRAIN", "('tta_digit_scenes_train',)",
-        "DATASETS.TEST", "('tta_digit_scenes_val',)",
+        "DATASETS.TRAIN", "('tiny_digit_scenes_train',)",
+        "DATASETS.TEST", "('tiny_digit_scenes_val',)",
         "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.MAX_ITER", str(max_iter),
         "SOLVER.WARMUP_ITERS", "1",
@@ -294,7 +286,7 @@ def test_eval_only_with_tta_returns_both_evaluations(tiny_scenes, tmp_path):
     results = run(load_train_net(), opts + ["MODEL.WEIGHTS", ""], "--eval-only")
     assert set(results) == {"sem_seg", "sem_seg_TTA"}
     assert set(results["sem_seg_TTA"]) >= {"mIoU", "fwIoU", "mACC", "pACC"}
-    assert os.path.exists(tmp_path / "inference_TTA" / "tta_digit_scenes_val"
+    assert os.path.exists(tmp_path / "inference_TTA" / "tiny_digit_scenes_val"
                           / "sem_seg_evaluation.pth")
 
 
@@ -302,10 +294,10 @@ def test_eval_only_with_detectron2s_default_tta_scales(tiny_scenes, tmp_path):
     """As a new user types it: the recipe, --eval-only, TEST.AUG.ENABLED True. Detectron2's
     default scales (400, 500, ..., 1200, flip) do not tile the 128x128 pooling window; the first
     two of them keep the test within seconds (any size is checked below)."""
-    one = "tta_digit_scenes_val_one"
-    DatasetCatalog.register(one, lambda: DatasetCatalog.get("tta_digit_scenes_val")[:1])
+    one = "tiny_digit_scenes_val_one"
+    DatasetCatalog.register(one, lambda: DatasetCatalog.get("tiny_digit_scenes_val")[:1])
     MetadataCatalog.get(one).set(**{k: v for k, v in MetadataCatalog.get(
-        "tta_digit_scenes_val").as_dict().items() if k != "name"})
+        "tiny_digit_scenes_val").as_dict().items() if k != "name"})
     try:
         results = run(load_train_net(), [
             "DATASETS.TEST", f"('{one}',)", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "",

@@ -273,7 +273,7 @@ def test_trainer_uses_the_atomic_checkpointer(resume_scenes, tmp_path):
     cfg = setup(parse_args(*resume_opts(tmp_path)))
     trainer = Trainer(cfg)
     assert isinstance(trainer.checkpointer, AtomicDetectionCheckpointer)
-    hooks = [h for h in trainer._hooks if hasattr(h, "checkpointer")]
+    hooks = [h for h in trainer.build_hooks() if hasattr(h, "checkpointer")]
     assert hooks and all(h.checkpointer is trainer.checkpointer for h in hooks)
 
 

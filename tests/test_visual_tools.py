@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import region_contrast  # noqa: F401
-from conftest import (build, load_train_net, make_cfg, single_thread, tiny_digit_scenes,
-                      unregister)
+from conftest import build, load_train_net, make_cfg, single_thread
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
 from region_contrast.engine.hooks import MemorySummaryHook, build_memory_summary_hook
@@ -35,7 +35,7 @@ RECIPE = os.path.join(
     REPO, "configs", "DigitScenes",
     "deeplab_v3_plus_R_18_os32_region_contrast_digit_scenes_1500_bs8.yaml",
 )
-PREFIX = "vis_digit_scenes"
+PREFIX = "tiny_digit_scenes"  # the session's tiny DigitScenes (conftest)
 VAL = f"('{PREFIX}_val',)"
 EVAL_PERIOD = 2
 MAX_ITER = 3
@@ -62,10 +62,8 @@ def assert_picture(path, size=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_scenes):
     """3 RegionContrast iterations (contrast on from the start), evaluated every 2."""
-    root = str(tmp_path_factory.mktemp("vis_datasets"))
-    names = tiny_digit_scenes(root, PREFIX, num_train=16, num_val=4, size=128)
     out = tmp_path_factory.mktemp("vis_train")
     opts = [
         "DATASETS.TRAIN", f"('{PREFIX}_train',)",
@@ -82,12 +80,11 @@ def trained(tmp_path_factory):
     args = default_argument_parser().parse_args(["--config-file", RECIPE, *opts])
     with single_thread():
         load_train_net().main(args)
-    val_dir = os.path.join(root, "digit_scenes", "images", "val")
-    yield types.SimpleNamespace(
+    val_dir = os.path.dirname(DatasetCatalog.get(f"{PREFIX}_val")[0]["file_name"])
+    return types.SimpleNamespace(
         out=out, checkpoint=str(out / "model_final.pth"), val_dir=val_dir,
         val_images=sorted(glob.glob(os.path.join(val_dir, "*.png"))),
     )
-    unregister(names)
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,27 +215,39 @@ def _filled_bank(num_classes=4, size=5, dim=6, seed=0):
     return bank
 
 
+class _RecordingStorage(EventStorage):
+    """Detectron2's EventStorage, also keeping what ``put_image`` received."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.images = []
+
+    def put_image(self, img_name, img_tensor):
+        self.images.append((img_name, img_tensor))
+        super().put_image(img_name, img_tensor)
+
+
 def test_summary_hook_schedule_images_and_no_side_effects():
     bank = _filled_bank()
     hook = MemorySummaryHook(3, bank, class_names=["bg", "a", "b", "c"])
     before = {k: v.clone() for k, v in bank.state_dict().items()}
-    with EventStorage(0) as storage:
+    with _RecordingStorage(0) as storage:
         hook.trainer = _FakeTrainer(max_iter=7, storage=storage)
         rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
         due = []
         for it in range(7):
             hook.trainer.iter = it
             storage.iter = it
-            count = len(storage._vis_data)
+            count = len(storage.images)
             hook.after_step()
-            if len(storage._vis_data) > count:
+            if len(storage.images) > count:
                 due.append(it)
         assert torch.equal(torch.get_rng_state(), rng[0])
         assert np.array_equal(np.random.get_state()[1], rng[1]) and random.getstate() == rng[2]
     assert due == [2, 5, 6]  # every 3rd iteration and the last
-    names = [name for name, _, _ in storage._vis_data]
+    names = [name for name, _ in storage.images]
     assert names == ["region_contrast/memory_projection", "region_contrast/memory_similarity"] * 3
-    for _, image, _ in storage._vis_data:
+    for _, image in storage.images:
         assert image.shape == (3, *FIGURE_PIXELS) and image.dtype == torch.float32
         assert 0 <= float(image.min()) and float(image.max()) <= 1 and float(image.std()) > 0.02
     for key, value in bank.state_dict().items():
@@ -250,7 +259,7 @@ def test_summary_hook_only_with_a_bank_and_periodic_evaluation():
     cfg.TEST.EVAL_PERIOD = 5
     model = build(cfg)
     hook = build_memory_summary_hook(cfg, model)
-    assert isinstance(hook, MemorySummaryHook) and hook._bank is model.memory_bank
+    assert isinstance(hook, MemorySummaryHook) and hook.bank is model.memory_bank
     cfg.TEST.EVAL_PERIOD = 0
     assert build_memory_summary_hook(cfg, model) is None
     cfg = make_cfg(ENABLED=False)

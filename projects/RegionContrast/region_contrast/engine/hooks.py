@@ -45,14 +45,14 @@ class MemorySummaryHook(HookBase):
         """
         Args:
             period: iterations between summaries (the evaluation period); must be > 0.
-            bank: the model's memory bank (read, never written).
+            bank: the model's memory bank (read, never written); kept as ``self.bank``.
             class_names, stuff_colors: the data set's metadata; None numbers the classes.
             max_per_class: entries per class in the projection (keeps the plot cheap).
         """
         if int(period) != period or period < 1:
             raise ValueError(f"period must be a positive integer, got {period!r}")
         self._period = int(period)
-        self._bank = bank
+        self.bank = bank
         self._class_names = list(class_names) if class_names is not None else None
         if self._class_names is not None and len(self._class_names) != bank.num_classes:
             # Say it at start-up, not at the first evaluation hours later; numbers still work.
@@ -80,12 +80,12 @@ class MemorySummaryHook(HookBase):
         storage = self.trainer.storage
         try:
             with torch.no_grad(), preserved_rngs():
-                features, classes = self._bank.snapshot()
+                features, classes = self.bank.snapshot()
                 if classes.numel() == 0:
                     logger.info("MemorySummaryHook: the memory bank is still empty; no summary.")
                     return
                 images = memory_summary_images(
-                    features.cpu(), classes.cpu(), self._bank.num_classes,
+                    features.cpu(), classes.cpu(), self.bank.num_classes,
                     class_names=self._class_names, stuff_colors=self._stuff_colors,
                     method="pca", max_per_class=self._max_per_class,
                     title=f"memory bank at iteration {self.trainer.iter + 1}",

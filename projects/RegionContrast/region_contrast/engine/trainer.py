@@ -1,7 +1,6 @@
 """The trainer and config setup behind ``train_net.py``, importable so tests run the same code."""
 import logging
 import os
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -67,16 +66,6 @@ class Trainer(DefaultTrainer):
     reseeding).
     """
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        # Same arguments as DefaultTrainer's checkpointer; the checkpointing hook gets it too.
-        self.checkpointer = AtomicDetectionCheckpointer(
-            self.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        for hook in self._hooks:
-            if isinstance(hook, hooks.PeriodicCheckpointer):
-                hook.checkpointer = self.checkpointer
-
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         loader = self._trainer.data_loader
@@ -104,6 +93,11 @@ class Trainer(DefaultTrainer):
             )
 
     def build_hooks(self):
+        # DefaultTrainer builds its checkpointer before its hooks, and the checkpointing hook
+        # takes it when built: make it the atomic one first (same model, folder and trainer).
+        self.checkpointer = AtomicDetectionCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+        )
         ret = super().build_hooks()
         if self.cfg.SEED >= 0:
             ret.insert(0, ReseedEachIteration(self.cfg.SEED, comm.get_rank()))
