@@ -31,7 +31,7 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import Visualizer
-from region_contrast.engine import fall_back_to_cpu, get_region_contrast_cfg
+from region_contrast.engine import load_config
 
 logger = logging.getLogger("region_contrast.demo")
 
@@ -68,11 +68,7 @@ def get_parser():
 
 def setup_cfg(args):
     """The recipe plus overrides, checked for weights, on the CPU when no GPU is present."""
-    cfg = get_region_contrast_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if fall_back_to_cpu(cfg):
-        logger.info("No CUDA device available: running on the CPU.")
+    cfg = load_config(args.config_file, args.opts)
     weights = cfg.MODEL.WEIGHTS
     if not weights:
         raise ValueError(
@@ -84,7 +80,6 @@ def setup_cfg(args):
             f"MODEL.WEIGHTS = {weights!r} is not a file. Point it at a checkpoint written by "
             "train_net.py, e.g. output/<recipe>/model_final.pth"
         )
-    cfg.freeze()
     return cfg
 
 

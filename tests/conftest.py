@@ -1,9 +1,8 @@
 """
 Helpers shared by the test modules (``from conftest import ...``): the tiny RegionContrast model
-and its batches, a training step, tiny DigitScenes, train_net, comparisons.
+and its batches, a training step, tiny DigitScenes, comparisons.
 """
 import contextlib
-import importlib.util
 import os
 
 import pytest
@@ -129,13 +128,6 @@ def unregister(names):
             DatasetCatalog.remove(name)
         if name in MetadataCatalog.list():
             MetadataCatalog.remove(name)
-
-
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(*argv):

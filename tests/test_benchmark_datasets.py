@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 import region_contrast  # noqa: F401
-from conftest import load_train_net  # one copy for every test file
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import CityscapesSemSegEvaluator, DatasetEvaluators, SemSegEvaluator
 from region_contrast.data import ade20k, cityscapes, coco_panoptic, coco_stuff
 from region_contrast.data import prepare as P
 from region_contrast.compat import alias_cityscapes_api
+from region_contrast.engine import Trainer, main, setup
 from region_contrast.evaluation import OfficialCityscapesSemSegEvaluator
 
 import fixtures_raw as fx
@@ -513,21 +513,20 @@ def test_two_iterations_train_and_evaluate(registered, tmp_path, one_thread):
     args = default_argument_parser().parse_args(
         ["--config-file", os.path.join(REPO, "configs", "Base-DigitScenes.yaml"), *opts]
     )
-    train_net = load_train_net()
-    evaluator = train_net.Trainer.build_evaluator(train_net.setup(args), test)
+    evaluator = Trainer.build_evaluator(setup(args), test)
     if name == "cityscapes":
         # The official evaluation and Detectron2's beside it: both results are checked below.
         assert isinstance(evaluator, DatasetEvaluators), evaluator
     else:
         assert isinstance(evaluator, SemSegEvaluator), evaluator
     # Training ends with an evaluation (Detectron2's EvalHook); --eval-only evaluates again.
-    train_net.main(args)
+    main(args)
     assert os.path.exists(tmp_path / "model_final.pth")
     args = default_argument_parser().parse_args(
         ["--config-file", os.path.join(REPO, "configs", "Base-DigitScenes.yaml"),
          "--eval-only", *opts, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth")]
     )
-    results = train_net.main(args)
+    results = main(args)
     # On Cityscapes, "sem_seg" is the official evaluation's, as in Detectron2.
     metrics = results["sem_seg_detectron2" if name == "cityscapes" else "sem_seg"]
     assert set(metrics) >= {"mIoU", "fwIoU", "mACC", "pACC"}

@@ -9,7 +9,6 @@ import torch
 
 from conftest import (
     build,
-    load_train_net,
     make_batch,
     make_cfg,
     parse_args,
@@ -17,6 +16,7 @@ from conftest import (
     train_step,
     unregister,
 )
+from region_contrast.engine import main
 
 SIZE = 32  # images and crop: small and fast; the ASPP pooling kernel is then 1x1
 STEPS = 3
@@ -143,7 +143,7 @@ def test_samples_smaller_than_the_crop_are_padded(small_scenes, tmp_path):
 
 
 def test_training_on_images_smaller_than_the_crop(small_scenes, tmp_path):
-    results = load_train_net().main(parse_args(*small_opts(tmp_path)))
+    results = main(parse_args(*small_opts(tmp_path)))
     # Evaluated at 48 pixels: every class scored (or NaN where absent), the file written.
     metrics = results["sem_seg"]
     assert 0 <= metrics["mIoU"] <= 100 and 0 < metrics["pACC"] <= 100

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import region_contrast  # noqa: F401
-from conftest import load_train_net, unregister
+from conftest import unregister
 from conftest import make_cfg as tiny_cfg
 from detectron2.data.transforms import ResizeTransform
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -18,8 +18,8 @@ from detectron2.engine import default_argument_parser
 from detectron2.modeling import SemanticSegmentor, build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from region_contrast import RegionContrastSegmentor
-from region_contrast.engine import get_region_contrast_cfg
-from region_contrast.evaluation.sliding_window import window_starts
+from region_contrast.engine import get_region_contrast_cfg, main
+from region_contrast.modeling.sliding_window import window_starts
 from region_contrast.evaluation.test_time_augmentation import SemanticSegmentorWithTTA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -273,17 +273,17 @@ DIGIT_RC_RECIPE = sorted(
 )[0]
 
 
-def run(train_net, opts, *flags):
+def run(opts, *flags):
     args = default_argument_parser().parse_args(
         ["--config-file", DIGIT_RC_RECIPE, *flags, *opts]
     )
-    return train_net.main(args)
+    return main(args)
 
 
 def test_eval_only_with_tta_returns_both_evaluations(tiny_scenes, tmp_path):
     # Scales 0.75x and 1.25x in 128x128 windows (the crop): one padded window, and 2x2 windows.
     opts = tta_opts(tmp_path, 1, min_sizes="(96, 160)", sliding=True)
-    results = run(load_train_net(), opts + ["MODEL.WEIGHTS", ""], "--eval-only")
+    results = run(opts + ["MODEL.WEIGHTS", ""], "--eval-only")
     assert set(results) == {"sem_seg", "sem_seg_TTA"}
     assert set(results["sem_seg_TTA"]) >= {"mIoU", "fwIoU", "mACC", "pACC"}
     assert os.path.exists(tmp_path / "inference_TTA" / "tiny_digit_scenes_val"
@@ -299,7 +299,7 @@ def test_eval_only_with_detectron2s_default_tta_scales(tiny_scenes, tmp_path):
     MetadataCatalog.get(one).set(**{k: v for k, v in MetadataCatalog.get(
         "tiny_digit_scenes_val").as_dict().items() if k != "name"})
     try:
-        results = run(load_train_net(), [
+        results = run([
             "DATASETS.TEST", f"('{one}',)", "OUTPUT_DIR", str(tmp_path), "MODEL.WEIGHTS", "",
             "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(400, 500)"], "--eval-only")
     finally:
@@ -324,7 +324,7 @@ def test_scales_that_do_not_tile_the_pooling_window_are_evaluated_in_windows():
 
 
 def test_training_ends_with_a_tta_evaluation(tiny_scenes, tmp_path):
-    results = run(load_train_net(), tta_opts(tmp_path, 1))
+    results = run(tta_opts(tmp_path, 1))
     assert set(results) == {"sem_seg", "sem_seg_TTA"}
     assert 0 <= results["sem_seg_TTA"]["mIoU"] <= 100
 

@@ -30,11 +30,10 @@ from detectron2.data.samplers import TrainingSampler
 from region_contrast.engine.checkpoint import AtomicDetectionCheckpointer, atomic_write
 from region_contrast.data import digit_scenes as ds
 from region_contrast.engine.sampler import ResumableTrainingSampler, SeededMapDataset
-from region_contrast.engine import Trainer
+from region_contrast.engine import Trainer, main
 from conftest import (
     BASE_CONFIG,
     REPO,
-    load_train_net,
     parse_args,
     single_thread,
     tiny_digit_scenes,
@@ -225,10 +224,9 @@ def load(path):
 
 
 def test_resume_equals_uninterrupted_run(resume_scenes, tmp_path, monkeypatch):
-    train_net = load_train_net()
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
 
-    train_net.main(parse_args(*resume_opts(straight)))
+    main(parse_args(*resume_opts(straight)))
     expected = load(straight / "model_final.pth")
     assert expected["iteration"] == 2 * K - 1
 
@@ -245,7 +243,7 @@ def test_resume_equals_uninterrupted_run(resume_scenes, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        train_net.main(parse_args(*resume_opts(interrupted)))
+        main(parse_args(*resume_opts(interrupted)))
     monkeypatch.undo()
     first = f"model_{K - 1:07d}.pth"
     assert (interrupted / "last_checkpoint").read_text() == first
@@ -253,7 +251,7 @@ def test_resume_equals_uninterrupted_run(resume_scenes, tmp_path, monkeypatch):
     assert [n for n in os.listdir(interrupted) if n.endswith((".pth", ".tmp"))] == [first]
     assert load(interrupted / first)["iteration"] == K - 1
 
-    train_net.main(parse_args("--resume", *resume_opts(interrupted)))
+    main(parse_args("--resume", *resume_opts(interrupted)))
     got = load(interrupted / "model_final.pth")
 
     prefix = "sem_seg_head.region_contrast.memory_bank."

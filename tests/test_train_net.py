@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import region_contrast  # noqa: F401
-from conftest import load_train_net
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ASPP
 from region_contrast import RegionContrastSegmentor, find_region_contrast
-from region_contrast.engine import Trainer, get_region_contrast_cfg
+from region_contrast.engine import Trainer, get_region_contrast_cfg, main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
@@ -31,9 +30,9 @@ def tiny_opts(output_dir, max_iter):
     ]
 
 
-def run(train_net, config, opts, *flags):
+def run(config, opts, *flags):
     args = default_argument_parser().parse_args(["--config-file", config, *flags, *opts])
-    return train_net.main(args)
+    return main(args)
 
 
 # The recipes a user trains; Base-*.yaml files are parts of them (data, model or schedule).
@@ -76,9 +75,8 @@ def test_digit_scenes_recipes_come_in_twins():
 
 @pytest.mark.parametrize("config", DIGIT_RECIPES, ids=os.path.basename)
 def test_train_checkpoint_resume_and_evaluate(tiny_scenes, tmp_path, config):
-    train_net = load_train_net()
     opts = tiny_opts(tmp_path, max_iter=3)
-    results = run(train_net, config, opts)
+    results = run(config, opts)
     assert set(results["sem_seg"]) >= {"mIoU", "fwIoU", "mACC", "pACC"}
     assert os.path.exists(tmp_path / "model_final.pth")
     assert os.path.exists(tmp_path / "model_0000001.pth")
@@ -91,12 +89,12 @@ def test_train_checkpoint_resume_and_evaluate(tiny_scenes, tmp_path, config):
     # Resume from the mid-run checkpoint: the last iteration is trained again from there.
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     os.remove(tmp_path / "model_final.pth")
-    resumed_results = run(train_net, config, opts, "--resume")
+    resumed_results = run(config, opts, "--resume")
     resumed = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
     assert resumed["iteration"] == 2
 
     evaluated = run(
-        train_net, config, opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")],
+        config, opts + ["MODEL.WEIGHTS", str(tmp_path / "model_final.pth")],
         "--eval-only",
     )
     # The same weights on the same images: the resumed training's final evaluation exactly.

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 import region_contrast  # noqa: F401
-from conftest import build, load_train_net, make_cfg, single_thread
+from conftest import build, make_cfg, single_thread
 from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.utils.events import EventStorage
+from region_contrast.engine import main
 from region_contrast.engine.hooks import MemorySummaryHook, build_memory_summary_hook
 from region_contrast.memory_bank import RegionMemoryBank
 from region_contrast.visualisation.memory_plots import FIGURE_PIXELS
@@ -79,7 +80,7 @@ def trained(tmp_path_factory, tiny_scenes):
     ]
     args = default_argument_parser().parse_args(["--config-file", RECIPE, *opts])
     with single_thread():
-        load_train_net().main(args)
+        main(args)
     val_dir = os.path.dirname(DatasetCatalog.get(f"{PREFIX}_val")[0]["file_name"])
     return types.SimpleNamespace(
         out=out, checkpoint=str(out / "model_final.pth"), val_dir=val_dir,

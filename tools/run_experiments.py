@@ -14,18 +14,18 @@ Stages:
                 baseline, seeds 0, 1, 2, evaluated on ``digit_scenes_test``. A seed the screen
                 already trained is not trained again: its checkpoint is evaluated on test.
 
-Each run is ``train_net.py``'s own ``main`` in this process, followed by diagnostics on the
-evaluated split (:mod:`region_contrast.evaluation.diagnostics`: digit pixels predicted as another
-digit or as background, nearest-class-mean accuracy and between/within scatter of the region
-centres the classifier reads). Its record (metrics, per-class IoU, diagnostics, seed, commit,
-machine, wall time) is written to ``<records>/<stage>/<setting>_seed<k>.json``, by default under
-``results/digit_scenes_study/``, which is committed: a study interrupted in one session continues
+Each run is ``train_net.py``'s ``main`` (:func:`region_contrast.engine.main`) in this process,
+followed by diagnostics on the evaluated split (:mod:`region_contrast.evaluation.diagnostics`:
+digit pixels predicted as another digit or as background, nearest-class-mean accuracy and
+between/within scatter of the region centres the classifier reads). Its record (metrics,
+per-class IoU, diagnostics, seed, commit, machine, wall time) is written to
+``<records>/<stage>/<setting>_seed<k>.json``, by default under ``results/digit_scenes_study/``,
+which is committed: a study interrupted in one session continues
 in the next, and a finished run is never trained again. Checkpoints go to ``--output-dir``.
 Writes ``<results>.md`` (tables) and ``<results>.png`` (mIoU per setting, seeds as dots).
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from region_contrast.files import atomic_write
+from region_contrast.provenance import commit_description, cpu_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "DigitScenes")
@@ -97,27 +98,10 @@ QUICK_OPTS = [
 STAGES = {"screen": ("val", [0]), "confirmation": ("test", [0, 1, 2])}
 
 
-def load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _benchmark_machine():
-    # The benchmark package sits beside this script; its machine readers serve both.
-    here = os.path.dirname(os.path.abspath(__file__))
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from benchmarks import machine
-
-    return machine
-
-
 def machine_description():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return (f"{_benchmark_machine().cpu_model()}, {cores} cores, {device}, Python "
+    return (f"{cpu_model()}, {cores} cores, {device}, Python "
             f"{platform.python_version()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
 
@@ -169,7 +153,7 @@ def read_record(path, argv):
     return None
 
 
-def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=None):
+def train_one(setting, seed, stage, argv, record_path, trained_in=None):
     """Trains (or, with ``--eval-only``, only evaluates), diagnoses and records one run.
 
     ``trained_in``: the record of the run that trained the evaluated checkpoint, if not this one.
@@ -178,21 +162,18 @@ def train_one(train_net, setting, seed, stage, argv, record_path, trained_in=Non
     from detectron2.data import DatasetCatalog
     from detectron2.engine import default_argument_parser
     from region_contrast.data.mapper import ValidatingDatasetMapper
-    from region_contrast.engine import Trainer, fall_back_to_cpu, get_region_contrast_cfg
+    from region_contrast.engine import Trainer, load_config
+    from region_contrast.engine import main as train_net_main
     from region_contrast.evaluation.diagnostics import feature_diagnostics
 
     args = default_argument_parser().parse_args(argv)
-    commit = _benchmark_machine().commit_description()  # the code that runs, read before it runs
+    commit = commit_description(REPO)  # the code that runs, read before it runs
     start = time.perf_counter()
-    results = train_net.main(args)
+    results = train_net_main(args)
     wall = time.perf_counter() - start
     if not results or "sem_seg" not in results:
         raise RuntimeError(f"Run {setting} seed {seed} finished without a sem_seg evaluation.")
-    cfg = get_region_contrast_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    fall_back_to_cpu(cfg)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     model = Trainer.build_model(cfg)
     checkpoint = (cfg.MODEL.WEIGHTS if args.eval_only
                   else os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
@@ -246,7 +227,7 @@ def screen_checkpoint(args, setting, seed, sets, extra):
     return (record, checkpoint) if record is not None else (None, None)
 
 
-def run_stage(train_net, stage, settings, seeds, args, sets, extra, screen_sets=None):
+def run_stage(stage, settings, seeds, args, sets, extra, screen_sets=None):
     """Runs (or reads back) every (setting, seed) of a stage; ``screen_sets``: reuse the
     screen's trained checkpoints, evaluated on this stage's split."""
     records = []
@@ -264,7 +245,7 @@ def run_stage(train_net, stage, settings, seeds, args, sets, extra, screen_sets=
             os.makedirs(out, exist_ok=True)
             if trained is not None:
                 argv = evaluation_argv(argv, checkpoint)
-            record = train_one(train_net, setting, seed, stage, argv, path, trained_in=trained)
+            record = train_one(setting, seed, stage, argv, path, trained_in=trained)
         print(f"[{stage} {i}/{len(todo)}] {setting}, seed {seed}: mIoU "
               f"{record['sem_seg']['mIoU']:.2f}", flush=True)
         records.append(record)
@@ -414,7 +395,6 @@ def main(argv=None):
 
     import region_contrast  # noqa: F401  (registers the data sets)
 
-    train_net = load_train_net()
     register_few_scenes(f"{args.data_prefix}_train")
     extra = (QUICK_OPTS if args.quick else []) + list(args.opts)
 
@@ -423,7 +403,7 @@ def main(argv=None):
                 "eval": f"{args.data_prefix}_{STAGES[stage][0]}"}
 
     def run(stage, settings, seeds):
-        return run_stage(train_net, stage, settings, seeds, args, sets(stage), extra,
+        return run_stage(stage, settings, seeds, args, sets(stage), extra,
                          screen_sets=None if stage == "screen" else sets("screen"))
 
     done = {}

@@ -28,7 +28,7 @@ from PIL import Image
 
 import region_contrast  # noqa: F401  (compatibility aliases, data sets)
 from detectron2.data import MetadataCatalog
-from region_contrast.engine import get_region_contrast_cfg
+from region_contrast.engine import load_config
 from region_contrast.visualisation.memory_plots import memory_summary_images
 from region_contrast.visualisation.memory_summary import bank_from_state_dict
 
@@ -81,9 +81,7 @@ def class_metadata(config_file, opts, num_classes):
         if opts:
             raise ValueError("--opts needs --config-file (the overrides apply to a recipe).")
         return None, None
-    cfg = get_region_contrast_cfg()
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
+    cfg = load_config(config_file, opts)
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     if not names:
         raise ValueError(f"{config_file} names no data set (DATASETS.TEST and TRAIN are empty).")

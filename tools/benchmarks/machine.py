@@ -1,10 +1,11 @@
 """What the benchmark ran on: CPU model, cores, library versions, load average."""
 import os
 import platform
-import subprocess
 import time
 
 import torch
+
+from region_contrast.provenance import commit_description, cpu_model
 
 from .common import REPO
 
@@ -27,22 +28,11 @@ def load_average():
         return None
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device):
     import detectron2
 
     info = {
-        "commit": commit_description(),
+        "commit": commit_description(REPO),
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "cpu_cores_usable": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -69,19 +59,3 @@ def machine_info(device):
             tf32_override_env=os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"),
         )
     return info
-
-
-def commit_description():
-    """The checkout's commit, and whether tracked files differ from it."""
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return rev + (" with uncommitted changes" if dirty else "")

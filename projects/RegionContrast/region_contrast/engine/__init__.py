@@ -1,9 +1,12 @@
-"""Training: the trainer and config setup, hooks, atomic checkpoints, exact-resume sampling."""
+"""Training: the config entry point, the trainer and train_net's main, hooks, atomic checkpoints,
+exact-resume sampling."""
 from .trainer import (
     Trainer,
     build_sem_seg_train_aug,
     fall_back_to_cpu,
     get_region_contrast_cfg,
+    load_config,
+    main,
     setup,
 )
 
@@ -12,5 +15,7 @@ __all__ = [
     "build_sem_seg_train_aug",
     "fall_back_to_cpu",
     "get_region_contrast_cfg",
+    "load_config",
+    "main",
     "setup",
 ]

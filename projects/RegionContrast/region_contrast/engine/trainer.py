@@ -216,14 +216,47 @@ def fall_back_to_cpu(cfg):
     return False
 
 
-def setup(args):
-    """Config from ``--config-file`` and overrides, on the CPU when no GPU is present."""
+def load_config(config_file, opts=()):
+    """
+    The one way this project reads a recipe: the default config with every key
+    (:func:`get_region_contrast_cfg`), the file, then the overrides (KEY VALUE ...), on the CPU
+    when the recipe names CUDA and no GPU is present. Returns it frozen.
+    """
     cfg = get_region_contrast_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    fall_back_to_cpu(cfg)
-    cfg.freeze()
-    default_setup(cfg, args)
-    if cfg.MODEL.DEVICE == "cpu":
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if fall_back_to_cpu(cfg):
         logger.info("No CUDA device available: running on the CPU.")
+    cfg.freeze()
     return cfg
+
+
+def setup(args):
+    """:func:`load_config` of ``--config-file`` and the overrides, then Detectron2's
+    ``default_setup`` (output folder, logging, seed)."""
+    cfg = load_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    """
+    What ``train_net.py`` runs in every process: trains, resumes (``--resume``) or only
+    evaluates (``--eval-only``, with ``TEST.AUG.ENABLED`` also multi-scale + flip). Returns the
+    evaluation results (those of the end of training).
+    """
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
+        return results
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    # DefaultTrainer.train() returns the final evaluation only with TEST.EXPECTED_RESULTS set.
+    return getattr(trainer, "_last_eval_results", None)

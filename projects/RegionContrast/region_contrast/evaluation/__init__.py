@@ -1,11 +1,9 @@
-"""Evaluation: Detectron2's evaluators with input checks, sliding window, test-time augmentation."""
+"""Evaluation: Detectron2's evaluators with input checks, test-time augmentation, diagnostics."""
 from .evaluator import OfficialCityscapesSemSegEvaluator, ValidatingSemSegEvaluator
-from .sliding_window import sliding_window_logits
 from .test_time_augmentation import SemanticSegmentorWithTTA
 
 __all__ = [
     "OfficialCityscapesSemSegEvaluator",
     "SemanticSegmentorWithTTA",
     "ValidatingSemSegEvaluator",
-    "sliding_window_logits",
 ]

@@ -18,8 +18,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.utils.logger import log_first_n
 
-from ..evaluation.sliding_window import sliding_window_logits
 from .head_contrast import add_region_contrast_from_config, find_region_contrast
+from .sliding_window import sliding_window_logits
 
 __all__ = ["RegionContrastSegmentor"]
 
@@ -175,7 +175,7 @@ class RegionContrastSegmentor(SemanticSegmentor):
     def sliding_window_inference(self, batched_inputs, window_size=None, window_stride=None):
         """
         The parent's inference, each image evaluated in overlapping windows of ``window_size``
-        (see :mod:`region_contrast.evaluation.sliding_window`): the logits of the windows are
+        (see :mod:`region_contrast.modeling.sliding_window`): the logits of the windows are
         averaged where they overlap, then cut and resized to the requested output size as the
         parent does. With a window the size of the image, this is the parent's result.
         """
