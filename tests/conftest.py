@@ -35,8 +35,13 @@ def make_cfg(num_classes=NUM_CLASSES, norm=None, crop=SIZE, enabled=True, **rc):
         cfg.MODEL.RESNETS.NORM = norm
         cfg.MODEL.SEM_SEG_HEAD.NORM = norm
     cfg.INPUT.CROP.SIZE = (crop, crop)
+    return with_contrast(cfg, enabled, proj_dim=16, **rc)
+
+
+def with_contrast(cfg, enabled, *, proj_dim, **rc):
+    """``cfg`` with a tiny bank (6 slots per class), ``proj_dim`` and the ``rc`` overrides."""
     cfg.MODEL.REGION_CONTRAST.ENABLED = enabled
-    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 16
+    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = proj_dim
     cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 6
     for key, value in rc.items():
         cfg.MODEL.REGION_CONTRAST[key] = value
@@ -63,12 +68,7 @@ def make_fpn_cfg(num_classes=NUM_CLASSES, enabled=True, **rc):
     cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM = 32
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
     cfg.MODEL.REGION_CONTRAST.HEAD_NAME = "SemSegFPNHead"
-    cfg.MODEL.REGION_CONTRAST.ENABLED = enabled
-    cfg.MODEL.REGION_CONTRAST.PROJ_DIM = 0
-    cfg.MODEL.REGION_CONTRAST.MEMORY_SIZE = 6
-    for key, value in rc.items():
-        cfg.MODEL.REGION_CONTRAST[key] = value
-    return cfg
+    return with_contrast(cfg, enabled, proj_dim=0, **rc)
 
 
 def build(cfg, seed=0):
