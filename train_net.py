@@ -10,8 +10,9 @@ Train and evaluate RegionContrast (and its Detectron2 baselines) for semantic se
 
 Glue only: ``main`` (train, resume or evaluate) is :func:`region_contrast.engine.main`.
 """
+import region_contrast  # noqa: F401  (first: restores names Detectron2 v0.6 needs, registers)
 from detectron2.engine import default_argument_parser, launch
-from region_contrast.engine import main  # also registers data sets, heads, meta-architecture
+from region_contrast.engine import main
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()

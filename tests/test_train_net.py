@@ -2,11 +2,14 @@
 import glob
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import region_contrast  # noqa: F401
+from detectron2.data import DatasetCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ASPP
 from region_contrast import RegionContrastSegmentor, find_region_contrast
@@ -104,3 +107,26 @@ def test_train_checkpoint_resume_and_evaluate(tiny_scenes, tmp_path, config):
         assert value == expected[key] or (math.isnan(value) and math.isnan(expected[key])), key
     assert os.path.exists(tmp_path / "inference" / "tiny_digit_scenes_val"
                           / "sem_seg_evaluation.pth")
+
+
+def test_train_net_py_runs_and_starts_quietly_as_a_user_types_it(tiny_scenes, tmp_path):
+    """The script itself, in a new process: imports in its own order, data sets registered
+    from $DETECTRON2_DATASETS, two iterations and the evaluation, no warning a user cannot act
+    on."""
+    val = DatasetCatalog.get("tiny_digit_scenes_val")[0]["file_name"]
+    root = val[: val.index(os.sep + "digit_scenes" + os.sep)]
+    recipe = os.path.join(REPO, "configs", "DigitScenes",
+                          "semantic_R_18_FPN_region_contrast_noproj_digit_scenes_1500_bs8.yaml")
+    command = [sys.executable, "train_net.py", "--config-file", recipe,
+               "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+               "MODEL.REGION_CONTRAST.WARMUP_ITERS", "0", "DATALOADER.NUM_WORKERS", "0",
+               "OUTPUT_DIR", str(tmp_path)]
+    env = {**os.environ, "DETECTRON2_DATASETS": root, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "copypaste: mIoU" in proc.stdout + proc.stderr
+    state = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert int(state["model"]["sem_seg_head.region_contrast.memory_bank.count"].sum()) > 0
+    assert "Warning" not in proc.stderr, [line for line in proc.stderr.splitlines()
+                                          if "Warning" in line]
