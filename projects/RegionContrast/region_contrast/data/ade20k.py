@@ -115,19 +115,12 @@ def register_ade20k(root, *, name_prefix="ade20k_sem_seg"):
 
     names = []
     for suffix, folder in SPLITS:
-        name = f"{name_prefix}_{suffix}"
         image_dir, _, gt_dir = _split_dirs(root, folder)
-        metadata = None
-        if name_prefix != "ade20k_sem_seg":
-            metadata = dict(
-                stuff_classes=list(ADE20K_SEM_SEG_CATEGORIES),
-                image_root=image_dir,
-                sem_seg_root=gt_dir,
-                evaluator_type="sem_seg",
-                ignore_label=P.IGNORE_LABEL,
-            )
-        P.register_split(name, lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g), metadata)
-        names.append(name)
+        names.append(P.register_sem_seg(
+            f"{name_prefix}_{suffix}", _load, image_dir, gt_dir,
+            builtin=name_prefix == "ade20k_sem_seg",
+            stuff_classes=list(ADE20K_SEM_SEG_CATEGORIES),
+        ))
     return names
 
 

@@ -182,19 +182,13 @@ def register_cityscapes_sem_seg(root, *, name_prefix="cityscapes_fine_sem_seg"):
     )
     names = []
     for split in SPLITS:
-        name = f"{name_prefix}_{split}"
         image_dir, gt_dir = _split_dirs(root, split)
-        metadata = None
-        if name_prefix != "cityscapes_fine_sem_seg":
-            metadata = dict(
-                image_dir=image_dir,
-                gt_dir=gt_dir,
-                evaluator_type="cityscapes_sem_seg",
-                ignore_label=P.IGNORE_LABEL,
-                **classes,
-            )
-        P.register_split(name, lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g), metadata)
-        names.append(name)
+        # CityscapesSemSegEvaluator reads gt_dir.
+        names.append(P.register_sem_seg(
+            f"{name_prefix}_{split}", _load, image_dir, gt_dir,
+            builtin=name_prefix == "cityscapes_fine_sem_seg",
+            evaluator_type="cityscapes_sem_seg", image_dir=image_dir, gt_dir=gt_dir, **classes,
+        ))
     return names
 
 

@@ -219,23 +219,15 @@ def register_coco_panoptic_stuffonly(root, *, name_prefix="coco_2017"):
         ("thing_dataset_id_to_contiguous_id", "thing_classes", "thing_colors",
          "stuff_dataset_id_to_contiguous_id", "stuff_classes", "stuff_colors"),
     )
-    names = []
-    for split in SPLITS:
-        name = f"{name_prefix}_{split[:-4]}_panoptic_stuffonly"
-        image_dir = os.path.join(root, "coco", split)
-        gt_dir = os.path.join(root, "coco", f"panoptic_stuff_{split}")
-        metadata = None
-        if name_prefix != "coco_2017":
-            metadata = dict(
-                sem_seg_root=gt_dir,
-                image_root=image_dir,
-                evaluator_type="sem_seg",
-                ignore_label=P.IGNORE_LABEL,
-                **classes,
-            )
-        P.register_split(name, lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g), metadata)
-        names.append(name)
-    return names
+    return [
+        P.register_sem_seg(
+            f"{name_prefix}_{split[:-4]}_panoptic_stuffonly", _load,
+            os.path.join(root, "coco", split),
+            os.path.join(root, "coco", f"panoptic_stuff_{split}"),
+            builtin=name_prefix == "coco_2017", **classes,
+        )
+        for split in SPLITS
+    ]
 
 
 def register_coco_panoptic_sem_seg(root, *, name_prefix="coco_2017"):
@@ -250,23 +242,20 @@ def register_coco_panoptic_sem_seg(root, *, name_prefix="coco_2017"):
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     categories = sorted(COCO_CATEGORIES, key=lambda c: c["id"])
-    names = []
-    for split in SPLITS:
-        name = f"{name_prefix}_{split[:-4]}_panoptic_sem_seg"
-        image_dir = os.path.join(root, "coco", split)
-        gt_dir = os.path.join(root, "coco", f"panoptic_semseg_{split}")
-        metadata = dict(
-            stuff_classes=[c["name"] for c in categories],
-            stuff_colors=[list(c["color"]) for c in categories],
-            stuff_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
-            sem_seg_root=gt_dir,
-            image_root=image_dir,
-            evaluator_type="sem_seg",
-            ignore_label=P.IGNORE_LABEL,
+    classes = dict(
+        stuff_classes=[c["name"] for c in categories],
+        stuff_colors=[list(c["color"]) for c in categories],
+        stuff_dataset_id_to_contiguous_id={c["id"]: i for i, c in enumerate(categories)},
+    )
+    return [
+        P.register_sem_seg(
+            f"{name_prefix}_{split[:-4]}_panoptic_sem_seg", _load,
+            os.path.join(root, "coco", split),
+            os.path.join(root, "coco", f"panoptic_semseg_{split}"),
+            **classes,
         )
-        P.register_split(name, lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g), metadata)
-        names.append(name)
-    return names
+        for split in SPLITS
+    ]
 
 
 register_coco_panoptic_stuffonly(P.datasets_root())

@@ -372,23 +372,26 @@ def _load(name, image_dir, gt_dir, prepare_command, downloads):
     return load_sem_seg(gt_dir, image_dir, gt_ext="png", image_ext="jpg")
 
 
-def _metadata(image_dir, gt_dir):
-    return dict(
-        stuff_classes=list(COCO_STUFF_CLASSES),
-        # The label maps hold contiguous ids; SemSegEvaluator writes the COCO ids into
-        # sem_seg_predictions.json, as Detectron2 and Mask2Former do.
-        stuff_dataset_id_to_contiguous_id=dict(RAW_TO_CONTIGUOUS_COCO_ID),
-        stuff_colors=[list(c) for c in COCO_STUFF_COLORS],
-        image_root=image_dir,
-        sem_seg_root=gt_dir,
-        evaluator_type="sem_seg",
-        ignore_label=P.IGNORE_LABEL,
-    )
+# The classes of every COCO-Stuff split. The label maps hold contiguous ids; SemSegEvaluator
+# writes the COCO ids into sem_seg_predictions.json, as Detectron2 and Mask2Former do.
+CLASSES = dict(
+    stuff_classes=list(COCO_STUFF_CLASSES),
+    stuff_dataset_id_to_contiguous_id=dict(RAW_TO_CONTIGUOUS_COCO_ID),
+    stuff_colors=[list(c) for c in COCO_STUFF_COLORS],
+)
 
 
 # The names other Detectron2 projects (MaskFormer, Mask2Former) give the same splits, on the
 # same folders: their "test" is val2017.
 ALIASES_164K = {"train2017": "train_stuff_sem_seg", "val2017": "test_stuff_sem_seg"}
+
+
+def _load_164k(name, image_dir, gt_dir):
+    return _load(name, image_dir, gt_dir, PREPARE_164K, DOWNLOADS_164K)
+
+
+def _load_10k(name, image_dir, gt_dir):
+    return _load(name, image_dir, gt_dir, PREPARE_10K, DOWNLOADS_10K)
 
 
 def register_coco_stuff_164k(root, *, name_prefix="coco_2017"):
@@ -400,27 +403,17 @@ def register_coco_stuff_164k(root, *, name_prefix="coco_2017"):
     names += [f"{name_prefix}_{ALIASES_164K[split]}" for split in SPLITS_164K]
     for name, split in zip(names, SPLITS_164K * 2):
         image_dir, _, gt_dir = _dirs_164k(root, split)
-        P.register_split(
-            name,
-            lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g, PREPARE_164K, DOWNLOADS_164K),
-            _metadata(image_dir, gt_dir),
-        )
+        P.register_sem_seg(name, _load_164k, image_dir, gt_dir, **CLASSES)
     return names
 
 
 def register_coco_stuff_10k(root, *, name_prefix="coco_2017"):
     """Registers ``<name_prefix>_{train,test}_stuff_10k_sem_seg`` for ``root``; returns names."""
-    names = []
-    for split in SPLITS_10K:
-        name = f"{name_prefix}_{split}_stuff_10k_sem_seg"
-        image_dir, gt_dir = _dirs_10k(root, split)
-        P.register_split(
-            name,
-            lambda n=name, i=image_dir, g=gt_dir: _load(n, i, g, PREPARE_10K, DOWNLOADS_10K),
-            _metadata(image_dir, gt_dir),
-        )
-        names.append(name)
-    return names
+    return [
+        P.register_sem_seg(f"{name_prefix}_{split}_stuff_10k_sem_seg", _load_10k,
+                           *_dirs_10k(root, split), **CLASSES)
+        for split in SPLITS_10K
+    ]
 
 
 register_coco_stuff_164k(P.datasets_root())

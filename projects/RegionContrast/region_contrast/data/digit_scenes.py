@@ -35,9 +35,9 @@ import os
 import cv2
 import numpy as np
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..files import atomic_write
+from . import prepare as P
 
 __all__ = [
     "DIGIT_SCENES_CLASSES",
@@ -75,7 +75,7 @@ DIGIT_SCENES_COLORS = [
     [210, 245, 60],
     [250, 190, 212],
 ]
-IGNORE_LABEL = 255
+IGNORE_LABEL = P.IGNORE_LABEL
 # Bump when the rendering changes, so that an old set on disk is refused instead of mixed.
 # Version 2: bolder pen, thicker stroke labels, less occlusion and clutter than version 1.
 # Version 3: ink always brighter than the paper (see BACKGROUND_SHADE).
@@ -597,27 +597,14 @@ def register_digit_scenes(root, *, name_prefix="digit_scenes"):
         The list of registered names.
     """
     dataset_dir = os.path.join(root, DATASET_DIRNAME)
-    names = []
-    for split in SPLITS:
-        name = f"{name_prefix}_{split}"
-        image_root, gt_root = _split_dirs(dataset_dir, split)
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name, lambda n=name, i=image_root, g=gt_root: _load_split(n, i, g)
-        )
-        MetadataCatalog.get(name).set(
+    return [
+        P.register_sem_seg(
+            f"{name_prefix}_{split}", _load_split, *_split_dirs(dataset_dir, split),
             stuff_classes=list(DIGIT_SCENES_CLASSES),
             stuff_colors=[list(c) for c in DIGIT_SCENES_COLORS],
-            ignore_label=IGNORE_LABEL,
-            evaluator_type="sem_seg",
-            image_root=image_root,
-            sem_seg_root=gt_root,
         )
-        names.append(name)
-    return names
+        for split in SPLITS
+    ]
 
 
 register_digit_scenes(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))

@@ -524,6 +524,23 @@ def register_split(name, load, metadata=None):
         MetadataCatalog.get(name).set(**metadata)
 
 
+def register_sem_seg(name, load, images, labels, *, builtin=False, evaluator_type="sem_seg",
+                     **extra):
+    """
+    Registers one split of a semantic segmentation data set: ``load(name, images, labels)``
+    (the two folders) gives its records, and its metadata is what Detectron2's evaluators read
+    (``image_root``, ``sem_seg_root``, ``evaluator_type``, ``ignore_label``) plus ``extra``
+    (classes, colours). ``builtin``: Detectron2 registers ``name`` itself; its metadata is kept,
+    only the loader (same records, clearer errors) is replaced. Returns ``name``.
+    """
+    metadata = None if builtin else dict(
+        image_root=images, sem_seg_root=labels, evaluator_type=evaluator_type,
+        ignore_label=IGNORE_LABEL, **extra,
+    )
+    register_split(name, lambda: load(name, images, labels), metadata)
+    return name
+
+
 def builtin_metadata(name, keys):
     """
     The fields ``keys`` (those it has) of the metadata Detectron2 registers for its own data
