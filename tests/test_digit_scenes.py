@@ -7,6 +7,7 @@ from PIL import Image
 
 import region_contrast  # noqa: F401  (before Detectron2)
 from region_contrast.data import digit_scenes as ds
+from region_contrast.files import temp_path
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -132,7 +133,8 @@ def test_interrupted_run_is_completed(generated, tmp_path):
     os.remove(os.path.join(out, "images", "train", "train_00003.png"))
     os.remove(os.path.join(out, "images", "val", "val_00005.png"))
     os.remove(os.path.join(out, "annotations", "val", "val_00005.png"))
-    stale = os.path.join(out, "images", "train", "train_00007.png.tmp")
+    # What a writer killed mid-file leaves behind: its temporary file.
+    stale = temp_path(os.path.join(out, "images", "train", "train_00007.png"))
     with open(stale, "wb") as f:
         f.write(b"partial")
     kept = os.path.join(out, "images", "train", "train_00001.png")

@@ -345,16 +345,6 @@ def _encode_png(array):
     return buf.tobytes()
 
 
-def _remove_stale_tmp(dataset_dir):
-    removed = 0
-    for dirpath, _, filenames in os.walk(dataset_dir):
-        for name in filenames:
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(dirpath, name))
-                removed += 1
-    return removed
-
-
 def _has_scene_files(dataset_dir):
     for split in SPLITS:
         for folder in _split_dirs(dataset_dir, split):
@@ -377,39 +367,25 @@ def _mismatch_error(dataset_dir, record_path, existing, requested):
     )
 
 
-# Per-process state of the worker processes (set by _init_worker).
-_WORKER = {}
-
-
-def _init_worker(images, labels, pools, seed, size, dataset_dir):
-    _WORKER.update(
-        images=images, labels=labels, pools=pools, seed=seed, size=size, dataset_dir=dataset_dir
-    )
+@functools.lru_cache(maxsize=1)
+def _digits():
+    """MNIST's images and labels, and the digits of each split; once per process."""
+    images, labels = load_mnist_5k()
+    return images, labels, split_digit_indices(labels)
 
 
 def _generate_one(task):
-    split, index = task
-    w = _WORKER
-    image, label, _ = render_scene(
-        scene_rng(w["seed"], split, index), w["images"], w["labels"], w["pools"][split], w["size"]
-    )
-    image_dir, gt_dir = _split_dirs(w["dataset_dir"], split)
+    """Renders and writes one scene; ``task`` = (split, index, seed, size, dataset_dir)."""
+    split, index, seed, size, dataset_dir = task
+    images, labels, pools = _digits()
+    image, label, _ = render_scene(scene_rng(seed, split, index), images, labels, pools[split],
+                                   size)
+    image_dir, gt_dir = _split_dirs(dataset_dir, split)
     name = _scene_name(split, index)
     # Label first, image last: "the image exists" means the scene is complete.
     _write_atomic(os.path.join(gt_dir, name), _encode_png(label))
     _write_atomic(os.path.join(image_dir, name), _encode_png(image[:, :, ::-1]))
     return index
-
-
-def _default_workers(num_tasks):
-    """One process for small jobs (a pool costs more than it saves), else up to 4."""
-    if num_tasks < 200:
-        return 1
-    if hasattr(os, "sched_getaffinity"):
-        cpus = len(os.sched_getaffinity(0))
-    else:
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 4))
 
 
 def generate_digit_scenes(
@@ -424,7 +400,8 @@ def generate_digit_scenes(
     other arguments is refused with :class:`DigitScenesMismatchError` (a ``ValueError``).
 
     Args:
-        num_workers: processes used to render; None picks 1 for small sets, else up to 4.
+        num_workers: processes used to render; None: :func:`prepare.default_workers` (one
+            for small sets, else every usable core). The scenes do not depend on it.
 
     Returns:
         The data set directory, ``<root>/digit_scenes``.
@@ -479,65 +456,28 @@ def generate_digit_scenes(
             "DETECTRON2_DATASETS at another root."
         )
 
-    for split in SPLITS:
-        for folder in _split_dirs(dataset_dir, split):
-            os.makedirs(folder, exist_ok=True)
-    removed = _remove_stale_tmp(dataset_dir)
+    folders = [dataset_dir] + [f for split in SPLITS for f in _split_dirs(dataset_dir, split)]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    removed = P.remove_stale_temps(folders)
     if removed:
         logger.info("Removed %d stale temporary files from %s", removed, dataset_dir)
     if not os.path.isfile(manifest_path):
         _write_json_atomic(progress_path, requested)
 
-    images, labels = load_mnist_5k()
-    pools = split_digit_indices(labels)
     missing = missing_scenes()
-    total_missing = sum(len(v) for v in missing.values())
-    workers = _default_workers(total_missing) if num_workers is None else max(1, int(num_workers))
-
-    from tqdm import tqdm
-
-    pool_ctx = None
-    try:
-        if workers > 1:
-            import multiprocessing as mp
-
-            method = "fork" if "fork" in mp.get_all_start_methods() else None
-            pool_ctx = mp.get_context(method).Pool(
-                workers,
-                initializer=_init_worker,
-                initargs=(images, labels, pools, seed, size, dataset_dir),
-            )
-        else:
-            _init_worker(images, labels, pools, seed, size, dataset_dir)
-        for split in SPLITS:
-            pool = pools[split]
-            tasks = [(split, i) for i in missing[split]]
-            bar = tqdm(
-                total=counts[split],
-                initial=counts[split] - len(tasks),
-                desc=f"digit_scenes {split}",
-                unit="scene",
-                disable=not progress,
-            )
-            with bar:
-                if pool_ctx is not None:
-                    for _ in pool_ctx.imap_unordered(_generate_one, tasks, chunksize=16):
-                        bar.update(1)
-                else:
-                    for task in tasks:
-                        _generate_one(task)
-                        bar.update(1)
-            # Rows of every scene (cheap: the rows are the first draws of each scene's RNG).
-            rows = [
-                sample_scene_rows(scene_rng(seed, split, i), pool) for i in range(counts[split])
-            ]
-            _write_json_atomic(os.path.join(dataset_dir, f"digits_{split}.json"), rows)
-    finally:
-        if pool_ctx is not None:
-            # Every result has been consumed when this is reached normally; on an error or a
-            # Ctrl-C, stop the workers at once (finished scenes are on disk, the rest resumes).
-            pool_ctx.terminate()
-            pool_ctx.join()
+    pools = _digits()[2]
+    for split in SPLITS:
+        tasks = [(split, i, int(seed), int(size), dataset_dir) for i in missing[split]]
+        # One resumable writer (each scene atomic) on one worker pool, as the prepare scripts.
+        P.parallel_map(_generate_one, tasks, desc=f"digit_scenes {split}", workers=num_workers,
+                       unit="scene", progress=progress, done=counts[split] - len(tasks))
+        # Rows of every scene (cheap: the rows are the first draws of each scene's RNG).
+        rows = [
+            sample_scene_rows(scene_rng(seed, split, i), pools[split])
+            for i in range(counts[split])
+        ]
+        _write_json_atomic(os.path.join(dataset_dir, f"digits_{split}.json"), rows)
 
     _write_json_atomic(manifest_path, requested)
     if os.path.exists(progress_path):
