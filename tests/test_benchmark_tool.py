@@ -134,11 +134,8 @@ def benchmark_tool():
     """The benchmark package's functions (tools/benchmarks), for direct calls."""
     import types
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        from benchmarks import recipes, stats, train_step
-    finally:
-        sys.path.remove(os.path.join(REPO, "tools"))
+    from benchmarks import recipes, stats, train_step  # tools/ is on pytest's pythonpath
+
     return types.SimpleNamespace(
         digit_scenes_cfg=recipes.digit_scenes_cfg, digit_scenes_batch=recipes.digit_scenes_batch,
         bench_recipe_blocks=train_step.bench_recipe_blocks,

@@ -1,5 +1,4 @@
 """tools/run_experiments.py --quick on a tiny DigitScenes: runs, table, plot, resumption."""
-import importlib.util
 import json
 import os
 
@@ -15,11 +14,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_tool():
-    path = os.path.join(REPO, "tools", "run_experiments.py")
-    spec = importlib.util.spec_from_file_location("run_experiments", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import run_experiments  # tools/ is on pytest's pythonpath
+
+    return run_experiments
 
 
 @pytest.fixture(scope="module")
