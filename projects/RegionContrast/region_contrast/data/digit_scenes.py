@@ -50,18 +50,10 @@ from .digit_scenes_render import (  # noqa: F401  (public names of the data set,
     split_digit_indices,
 )
 
+from .digit_scenes_render import __all__ as _RENDERING
+
 __all__ = [
-    "DIGIT_SCENES_CLASSES",
-    "DIGIT_SCENES_COLORS",
-    "IGNORE_LABEL",
-    "FORMAT_VERSION",
-    "SPLIT_SEED",
-    "SPLITS",
-    "load_mnist_5k",
-    "split_digit_indices",
-    "scene_rng",
-    "sample_scene_rows",
-    "render_scene",
+    *_RENDERING,
     "generate_digit_scenes",
     "DigitScenesMismatchError",
     "class_pixel_frequencies",
