@@ -425,7 +425,8 @@ def main(argv=None):
     lines = ["# DigitScenes: where does region contrast help?", "",
              f"Written by `python tools/run_experiments.py` on {datetime.date.today()}"
              f"{' (--quick: the numbers mean nothing)' if args.quick else ''}. Settings are "
-             "screened on val (seed 0); the RegionContrast settings that gain most over the "
+             "screened on val (seed 0); for each model (DeepLabV3+: regimes demo, long, few; "
+             "Semantic FPN: regime fpn) the RegionContrast settings that gain most over the "
              "baseline of their regime on val are confirmed against that baseline on test "
              "(seeds 0-2; a seed the screen trained is its checkpoint evaluated on test).", "",
              "- Commits of the runs: " + ", ".join(commits),
