@@ -69,6 +69,8 @@ def get_parser():
 def setup_cfg(args):
     """The recipe plus overrides, checked for weights, on the CPU when no GPU is present."""
     cfg = load_config(args.config_file, args.opts)
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("Running on the CPU.")
     weights = cfg.MODEL.WEIGHTS
     if not weights:
         raise ValueError(

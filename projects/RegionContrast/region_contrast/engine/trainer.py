@@ -12,6 +12,7 @@ from detectron2.engine import DefaultTrainer, default_setup, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicDetectionCheckpointer
 from ..config import add_region_contrast_config
@@ -225,8 +226,7 @@ def load_config(config_file, opts=()):
     cfg = get_region_contrast_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    if fall_back_to_cpu(cfg):
-        logger.info("No CUDA device available: running on the CPU.")
+    fall_back_to_cpu(cfg)
     cfg.freeze()
     return cfg
 
@@ -236,6 +236,11 @@ def setup(args):
     ``default_setup`` (output folder, logging, seed)."""
     cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
+    # default_setup shows Detectron2's and fvcore's logs; the project's own (the memory bank's
+    # size, this message) need their logger too, as Detectron2's projects set up theirs.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="region_contrast")
+    if cfg.MODEL.DEVICE == "cpu":
+        logger.info("No CUDA device available: running on the CPU.")
     return cfg
 
 
