@@ -16,10 +16,19 @@ Imported by ``region_contrast/__init__.py`` before anything imports Detectron2.
 - fvcore's and Detectron2's import-time ``torch.jit.script`` calls warn on torch 2.10+: those
   imports are made here with that one warning silenced.
 
+One behaviour is mended rather than restored: Detectron2's ``create_ddp_model`` passes
+``device_ids=[local rank]`` whatever the model's device, which DistributedDataParallel refuses
+for a model on the CPU (``ValueError: DistributedDataParallel device_ids ... CPU modules``). So
+``DefaultTrainer`` cannot train in CPU processes, although Detectron2 main's ``launch`` starts
+them (gloo). :func:`create_ddp_model_on_any_device` calls Detectron2's own function and only adds
+``device_ids=None`` (PyTorch's setting for CPU modules) where the model is on the CPU and the
+caller gave none; GPU models get exactly what Detectron2 gives them.
+
 Not restored: ``pkg_resources`` (setuptools 81 removed it; ``detectron2.model_zoo`` imports it,
 nothing of this project does). A stand-in would break the real module's other users (pytest's
 ``monkeypatch.syspath_prepend`` among them); ``make`` installs ``setuptools<81`` instead.
 """
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -30,7 +39,12 @@ import warnings
 import numpy as np
 from PIL import Image
 
-__all__ = ["apply", "alias_cityscapes_api"]
+__all__ = [
+    "apply",
+    "alias_cityscapes_api",
+    "create_ddp_model_on_any_device",
+    "launch_runs_on_cpu",
+]
 
 # Where Detectron2 main imports cityscapesscripts from, and the modules of it that it imports.
 MISSING_CITYSCAPES_ROOT = "deeplearning.projects.cityscapesApi"
@@ -115,10 +129,64 @@ def _import_jit_scripting_modules_quietly():
             importlib.import_module(name)
 
 
+def _on_cpu(model):
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
+def create_ddp_model_on_any_device(create_ddp_model):
+    """
+    Detectron2's ``create_ddp_model``, also for a model on the CPU: there it passes
+    ``device_ids=None`` unless the caller named device ids. Everything else is the given
+    function's (the single-process case, GPU models, fp16 compression hooks).
+    """
+
+    @functools.wraps(create_ddp_model)
+    def wrapped(model, **kwargs):
+        if "device_ids" not in kwargs and _on_cpu(model):
+            kwargs["device_ids"] = None
+        # torch 2.14 deprecates DefaultTrainer's broadcast_buffers=False, and its message says
+        # to keep it (rank-local buffers): nothing a user can act on.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated",
+                                    category=FutureWarning)
+            return create_ddp_model(model, **kwargs)
+
+    wrapped.detectron2_create_ddp_model = create_ddp_model
+    return wrapped
+
+
+def _ddp_on_cpu():
+    # DefaultTrainer looks the function up in its own module (detectron2.engine.defaults); the
+    # package re-exports it for user code (detectron2.engine.create_ddp_model).
+    defaults = importlib.import_module("detectron2.engine.defaults")
+    engine = importlib.import_module("detectron2.engine")
+    current = defaults.create_ddp_model
+    if hasattr(current, "detectron2_create_ddp_model"):  # already in place
+        return
+    wrapped = create_ddp_model_on_any_device(current)
+    defaults.create_ddp_model = wrapped
+    if getattr(engine, "create_ddp_model", None) is current:
+        engine.create_ddp_model = wrapped
+
+
+def launch_runs_on_cpu():
+    """
+    Whether the installed Detectron2's ``launch`` starts processes without GPUs (gloo), as
+    Detectron2 main's does; v0.6's asserts that CUDA is available.
+    """
+    module = sys.modules.get("detectron2.engine.launch") or importlib.import_module(
+        "detectron2.engine.launch")
+    try:
+        return "gloo" in inspect.getsource(module).lower()
+    except (OSError, TypeError):  # no source installed: assume a current Detectron2
+        return True
+
+
 def apply():
     _numpy_aliases()
     _pillow_aliases()
     _import_jit_scripting_modules_quietly()
+    _ddp_on_cpu()
 
 
 apply()

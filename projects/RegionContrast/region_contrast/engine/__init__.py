@@ -3,6 +3,7 @@ exact-resume sampling."""
 from .trainer import (
     Trainer,
     build_sem_seg_train_aug,
+    check_launch,
     fall_back_to_cpu,
     get_region_contrast_cfg,
     load_config,
@@ -13,6 +14,7 @@ from .trainer import (
 __all__ = [
     "Trainer",
     "build_sem_seg_train_aug",
+    "check_launch",
     "fall_back_to_cpu",
     "get_region_contrast_cfg",
     "load_config",

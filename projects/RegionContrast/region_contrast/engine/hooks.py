@@ -1,4 +1,7 @@
 """
+Hooks on the memory bank: ``MemorySummaryHook`` (TensorBoard pictures while training runs) and
+``BankAgreementCheck`` (in multi-process training, every rank ends with the same bank).
+
 ``MemorySummaryHook``: TensorBoard pictures of the memory bank while training runs.
 
 At every evaluation (the ``EvalHook``'s period) and at the last iteration, the bank's class-mean
@@ -8,8 +11,9 @@ the ``EventStorage`` as images, which Detectron2's ``TensorboardXWriter`` writes
 random generators (deterministic PCA and subsampling, and the generators are restored anyway),
 so a run with it is numerically the run without it, ``--resume`` included.
 """
+import hashlib
 import logging
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -21,7 +25,13 @@ from ..modeling.head_contrast import find_region_contrast
 from ..modeling.memory_bank import RegionMemoryBank
 from .rng import preserved_rngs
 
-__all__ = ["MemorySummaryHook", "build_memory_summary_hook"]
+__all__ = [
+    "BankAgreementCheck",
+    "MemorySummaryHook",
+    "build_bank_agreement_check",
+    "build_memory_summary_hook",
+    "tensors_digest",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +127,52 @@ def build_memory_summary_hook(cfg, model) -> Optional[MemorySummaryHook]:
         class_names=metadata.get("stuff_classes", None) if metadata is not None else None,
         stuff_colors=metadata.get("stuff_colors", None) if metadata is not None else None,
     )
+
+
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes, in order: equal exactly when bitwise equal."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class BankAgreementCheck(HookBase):
+    """
+    After a completed multi-process run, compares every rank's memory bank (a digest of its
+    buffers, all-gathered): the bank is built from all-gathered rows, so the ranks must hold the
+    same one bitwise, and the checkpoint (written by rank 0) stands for all of them. Logs the
+    digest on agreement; raises RuntimeError naming the ranks that differ.
+    """
+
+    def __init__(self, bank: RegionMemoryBank):
+        self.bank = bank
+
+    def after_train(self):
+        # TrainerBase leaves iter == max_iter only after the last step: after an exception the
+        # other ranks may be inside another collective, and this one must not start.
+        if self.trainer.iter != self.trainer.max_iter:
+            return
+        digest = tensors_digest([self.bank.features, self.bank.ptr, self.bank.count])
+        digests = comm.all_gather(digest)
+        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+        if differ:
+            raise RuntimeError(
+                f"RegionContrast: the memory bank of rank(s) {differ} differs from rank 0's after "
+                f"training ({len(digests)} processes; digests {digests}). Every rank should hold "
+                "the same all-gathered bank; the checkpoint has rank 0's."
+            )
+        logger.info(
+            f"RegionContrast: the memory bank is identical on all {len(digests)} ranks "
+            f"(sha256 {digest})."
+        )
+
+
+def build_bank_agreement_check(model) -> Optional[BankAgreementCheck]:
+    """The check for a multi-process run with a memory bank; None otherwise."""
+    criterion = find_region_contrast(model)
+    if criterion is None or comm.get_world_size() == 1:
+        return None
+    return BankAgreementCheck(criterion.memory_bank)

@@ -15,12 +15,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicDetectionCheckpointer
+from ..compat import launch_runs_on_cpu
 from ..config import add_region_contrast_config
 from ..data.mapper import ValidatingDatasetMapper
 from ..modeling.head_contrast import find_region_contrast
 from .sampler import ResumableTrainLoader, build_resumable_train_loader
 from ..evaluation import OfficialCityscapesSemSegEvaluator, ValidatingSemSegEvaluator
-from .hooks import build_memory_summary_hook
+from .hooks import build_bank_agreement_check, build_memory_summary_hook
 from .rng import ReseedEachIteration
 from .solver import build_optimizer
 from ..evaluation.test_time_augmentation import SemanticSegmentorWithTTA
@@ -69,7 +70,7 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        loader = self._trainer.data_loader
+        loader = self.data_loader
         if isinstance(loader, ResumableTrainLoader):
             # Continue the data stream where the checkpointed run was, not from its start.
             loader.set_start_iter(self.start_iter)
@@ -119,6 +120,9 @@ class Trainer(DefaultTrainer):
             # Before the writers, so that TensorBoard gets the bank's pictures the same step.
             at = next((i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)), None)
             ret.insert(len(ret) if at is None else at, summary)
+        agreement = build_bank_agreement_check(self.model)
+        if agreement is not None:
+            ret.append(agreement)
         return ret
 
     @classmethod
@@ -242,6 +246,21 @@ def setup(args):
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("No CUDA device available: running on the CPU.")
     return cfg
+
+
+def check_launch(args):
+    """
+    Raises SystemExit with what to do when ``args`` ask for several processes that the installed
+    Detectron2 cannot start: without a GPU, v0.6's ``launch`` stops on an assertion.
+    """
+    processes = args.num_gpus * args.num_machines
+    if processes > 1 and not torch.cuda.is_available() and not launch_runs_on_cpu():
+        raise SystemExit(
+            f"--num-gpus {args.num_gpus} --num-machines {args.num_machines}: {processes} "
+            "processes without a GPU, but this Detectron2's launch() starts GPU (NCCL) processes "
+            "only (Detectron2 v0.6). Run with --num-gpus 1 --num-machines 1, or install official "
+            "Detectron2 main, whose launch() runs CPU processes with gloo (docs/install.md)."
+        )
 
 
 def main(args):
