@@ -9,7 +9,8 @@ statistics are per-rank buffers (DDP does not broadcast them here), so only the 
 whole state, would agree.
 
 Checked, with 2 and 3 ranks (one spawn each):
-- every rank ends with a bitwise-identical state (weights and memory bank);
+- every rank ends with a bitwise-identical state (weights and memory bank), and the bank check
+  train_net runs after training agrees, and fails on every rank once one rank's bank differs;
 - a rank whose batch is all ignore (no region at all) at one step does not hang the others (the
   parent fails the test after a timeout instead of waiting forever);
 - the ranks' bank equals a single-process reference that runs the same per-rank batches on one
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from conftest import build, make_batch, make_cfg, single_thread  # imports region_contrast
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
+from region_contrast.engine.hooks import check_banks_agree
 
 STEPS = 3
 EMPTY_RANK, EMPTY_STEP = 1, 1
@@ -86,6 +88,15 @@ def _worker(rank, world_size, port, out_dir):
             sum(losses.values()).backward()
             optimizer.step()
             counts.append(model.memory_bank.count.clone())
+        digest = check_banks_agree(model.memory_bank)
+        # The check train_net runs after training fails on every rank when one bank differs.
+        saved = model.memory_bank.features[0, 0, 0].item()
+        if rank == world_size - 1:
+            model.memory_bank.features[0, 0, 0] += 1.0
+        with pytest.raises(RuntimeError, match=rf"rank\(s\) \[{world_size - 1}\] differs"):
+            check_banks_agree(model.memory_bank)
+        model.memory_bank.features[0, 0, 0] = saved
+        assert check_banks_agree(model.memory_bank) == digest
         torch.save(
             {"state": model.state_dict(), "counts": counts},
             os.path.join(out_dir, f"rank{rank}.pt"),

@@ -30,6 +30,7 @@ __all__ = [
     "MemorySummaryHook",
     "build_bank_agreement_check",
     "build_memory_summary_hook",
+    "check_banks_agree",
     "tensors_digest",
 ]
 
@@ -130,7 +131,7 @@ def build_memory_summary_hook(cfg, model) -> Optional[MemorySummaryHook]:
 
 
 def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
-    """SHA-256 of the tensors' dtypes, shapes and bytes, in order: equal exactly when bitwise equal."""
+    """SHA-256 of the tensors' dtypes, shapes and bytes, in order: equal when bitwise equal."""
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().cpu().contiguous()
@@ -139,12 +140,29 @@ def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def check_banks_agree(bank: RegionMemoryBank) -> str:
+    """
+    A collective: compares ``bank`` across all ranks by a digest of its buffers. Returns the
+    digest when every rank holds the same bank bitwise; raises RuntimeError naming the ranks
+    that differ (on every rank) otherwise.
+    """
+    digest = tensors_digest([bank.features, bank.ptr, bank.count])
+    digests = comm.all_gather(digest)
+    differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(
+            f"RegionContrast: the memory bank of rank(s) {differ} differs from rank 0's "
+            f"({len(digests)} processes; digests {digests}). Every rank should hold the same "
+            "all-gathered bank; a checkpoint has rank 0's."
+        )
+    return digest
+
+
 class BankAgreementCheck(HookBase):
     """
-    After a completed multi-process run, compares every rank's memory bank (a digest of its
-    buffers, all-gathered): the bank is built from all-gathered rows, so the ranks must hold the
-    same one bitwise, and the checkpoint (written by rank 0) stands for all of them. Logs the
-    digest on agreement; raises RuntimeError naming the ranks that differ.
+    After a completed multi-process run, :func:`check_banks_agree`: the bank is built from
+    all-gathered rows, so every rank must hold the same one, and the checkpoint (written by
+    rank 0) stands for all of them. Logs the digest.
     """
 
     def __init__(self, bank: RegionMemoryBank):
@@ -155,17 +173,9 @@ class BankAgreementCheck(HookBase):
         # other ranks may be inside another collective, and this one must not start.
         if self.trainer.iter != self.trainer.max_iter:
             return
-        digest = tensors_digest([self.bank.features, self.bank.ptr, self.bank.count])
-        digests = comm.all_gather(digest)
-        differ = [rank for rank, d in enumerate(digests) if d != digests[0]]
-        if differ:
-            raise RuntimeError(
-                f"RegionContrast: the memory bank of rank(s) {differ} differs from rank 0's after "
-                f"training ({len(digests)} processes; digests {digests}). Every rank should hold "
-                "the same all-gathered bank; the checkpoint has rank 0's."
-            )
+        digest = check_banks_agree(self.bank)
         logger.info(
-            f"RegionContrast: the memory bank is identical on all {len(digests)} ranks "
+            f"RegionContrast: the memory bank is identical on all {comm.get_world_size()} ranks "
             f"(sha256 {digest})."
         )
 
