@@ -369,6 +369,53 @@ def make_coco_panoptic(root, sizes, png_dirs=None):
     return {"sources": sources, "expected": expected}
 
 
+def make_coco_instances(root):
+    """coco/annotations/instances_{split}.json (COCO's detection format, the file Detectron2's
+    COCO panoptic "separated" registration reads) from the panoptic JSON and PNGs written by
+    :func:`make_coco_panoptic`: one object per "thing" segment, its mask as polygons (the
+    bounding rectangle of each connected part: the segments there are unions of rectangles,
+    partly covered by later ones, so the polygons may hold a few pixels more)."""
+    import cv2
+
+    categories = panoptic_categories()
+    things = {c["id"]: c for c in categories if c["isthing"]}
+    for split in ("train2017", "val2017"):
+        with open(os.path.join(root, "coco", "annotations", f"panoptic_{split}.json")) as f:
+            panoptic = json.load(f)
+        objects = []
+        for ann in panoptic["annotations"]:
+            png = [os.path.join(root, "coco", d, ann["file_name"])
+                   for d in (f"panoptic_{split}", f"annotations/panoptic_{split}")]
+            rgb = np.asarray(Image.open(next(p for p in png if os.path.exists(p))),
+                             dtype=np.int64)
+            ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+            for seg in ann["segments_info"]:
+                if seg["category_id"] not in things:
+                    continue
+                mask = (ids == seg["id"]).astype(np.uint8)
+                contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                # Pixel corners, not centres: a polygon around the pixels it covers.
+                polygons = []
+                for c in contours:
+                    x, y, w, h = cv2.boundingRect(c)
+                    polygons.append([float(v) for v in (x, y, x + w, y, x + w, y + h, x, y + h)])
+                ys, xs = np.nonzero(mask)
+                objects.append({
+                    "id": len(objects) + 1, "image_id": ann["image_id"],
+                    "category_id": seg["category_id"], "iscrowd": seg["iscrowd"],
+                    "area": int(mask.sum()), "segmentation": polygons,
+                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                             int(ys.max() - ys.min() + 1)],
+                })
+        path = os.path.join(root, "coco", "annotations", f"instances_{split}.json")
+        with open(path, "w") as f:
+            json.dump({"info": {}, "licenses": [], "images": panoptic["images"],
+                       "annotations": objects,
+                       "categories": [{"id": c["id"], "name": c["name"],
+                                       "supercategory": c["supercategory"]}
+                                      for c in things.values()]}, f)
+
+
 def make_all(root):
     """Every data set in one root, as a user would have them. Returns {dataset: description}."""
     image_sources, sizes = make_coco_images(root)

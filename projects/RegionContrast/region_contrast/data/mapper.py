@@ -1,6 +1,7 @@
 """
-``ValidatingDatasetMapper``: Detectron2's ``DatasetMapper`` for semantic segmentation, checking
-its input and padding small training samples to the crop size.
+``ValidatingDatasetMapper``: Detectron2's ``DatasetMapper`` for semantic segmentation (and, for
+Panoptic FPN, instances beside the semantic map), checking its input and padding small training
+samples to the crop size.
 
 Detectron2 v0.6 reads whatever it is given: label values outside the classes become wrong
 targets (or a CUDA assert far from the cause), an image and label of different sizes fail with a
@@ -11,6 +12,11 @@ are vectorised and run on the decoded arrays the mapper reads anyway.
 Training samples smaller than ``INPUT.CROP.SIZE`` are padded to it (the image with the pixel mean,
 which the model normalises to 0 like its own batch padding; the label with the ignore value).
 DeepLab's ASPP pools with a kernel fixed by the crop size, which a smaller input cannot hold.
+
+A training sample with ``annotations`` (Detectron2's COCO panoptic "separated" data sets: COCO
+instances plus the stuff-only semantic map) also gets ``instances``, made with the public
+building blocks of ``detection_utils`` as Detectron2's custom-mapper tutorial does, under the
+transforms the semantic map got (so the two stay aligned).
 """
 import copy
 
@@ -131,7 +137,8 @@ class ValidatingDatasetMapper(DatasetMapper):
     """
     :class:`DatasetMapper` for semantic segmentation that validates each sample (see the module
     docstring) and, in training with an absolute crop, pads samples smaller than the crop.
-    Instance annotations and proposals are not handled (semantic segmentation only).
+    Training samples with ``annotations`` also get ``instances`` (boxes, and masks with
+    ``MODEL.MASK_ON``); precomputed proposals and keypoints are not supported.
     """
 
     @configurable
@@ -189,8 +196,9 @@ class ValidatingDatasetMapper(DatasetMapper):
             check_label_values(label, self.num_classes, self.ignore_value, label_file)
 
         aug_input = T.AugInput(image, sem_seg=label)
-        self.augmentations(aug_input)
+        transforms = self.augmentations(aug_input)
         image, label = aug_input.image, aug_input.sem_seg
+        image_shape = image.shape[:2]  # before padding: the instances' frame
 
         image = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if label is not None:
@@ -203,5 +211,34 @@ class ValidatingDatasetMapper(DatasetMapper):
         dataset_dict["image"] = image
         if label is not None:
             dataset_dict["sem_seg"] = label
-        dataset_dict.pop("annotations", None)
+        annotations = dataset_dict.pop("annotations", None)
+        if self.is_train and annotations is not None:
+            dataset_dict["instances"] = self.instances(annotations, transforms, image_shape)
         return dataset_dict
+
+    def instances(self, annotations, transforms, image_shape):
+        """
+        Detectron2 ``Instances`` of a sample's non-crowd ``annotations`` after ``transforms``,
+        in an image of ``image_shape`` (h, w); instances left empty by a crop are dropped.
+        """
+        if self.use_keypoint:
+            raise ValueError(
+                "ValidatingDatasetMapper does not map keypoints (MODEL.KEYPOINT_ON is True); "
+                "use Detectron2's DatasetMapper for keypoint models."
+            )
+        objects = []
+        for obj in annotations:
+            if obj.get("iscrowd", 0):
+                continue
+            obj = dict(obj)
+            obj.pop("keypoints", None)
+            if not self.use_instance_mask:
+                obj.pop("segmentation", None)
+            objects.append(utils.transform_instance_annotations(obj, transforms, image_shape))
+        instances = utils.annotations_to_instances(
+            objects, image_shape, mask_format=self.instance_mask_format
+        )
+        if self.recompute_boxes and instances.has("gt_masks"):
+            # A crop cuts boxes loosely; the cut masks give the tight ones.
+            instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+        return utils.filter_empty_instances(instances)

@@ -1,4 +1,5 @@
 """The trainer and config setup behind ``train_net.py``, importable so tests run the same code."""
+import importlib.util
 import logging
 import os
 from collections import OrderedDict
@@ -9,7 +10,7 @@ import detectron2.data.transforms as T
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup, hooks
-from detectron2.evaluation import DatasetEvaluators
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators
 from detectron2.projects.deeplab import add_deeplab_config, build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -31,6 +32,15 @@ logger = logging.getLogger(__name__)
 # The results key of SemSegEvaluator's metrics on Cityscapes, where "sem_seg" is the official
 # evaluation's (as in Detectron2).
 SEM_SEG_BESIDE_CITYSCAPES = "sem_seg_detectron2"
+# The evaluator types whose evaluators read only a "sem_seg" output (test-time augmentation gives
+# only that).
+SEMANTIC_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg")
+PANOPTICAPI_INSTALL = "pip install git+https://github.com/cocodataset/panopticapi.git"
+
+
+def panoptic_quality_available():
+    """Whether ``panopticapi`` (behind Detectron2's ``COCOPanopticEvaluator``) is installed."""
+    return importlib.util.find_spec("panopticapi") is not None
 
 
 def build_sem_seg_train_aug(cfg):
@@ -178,9 +188,22 @@ class Trainer(DefaultTrainer):
                     ),
                 ]
             )
+        if evaluator_type == "coco_panoptic_seg":
+            # As Detectron2's tools/train_net.py: the stuff mIoU of the semantic branch, COCO box
+            # and mask AP, and PQ/SQ/RQ when panopticapi is installed (see check_evaluation).
+            # AP from the official COCO API (pycocotools), not Detectron2's faster C++ copy of
+            # it: the numbers a paper cites, and the copy is missing from builds without
+            # Detectron2's C++ sources (tools/install_detectron2.py's v0.6 fallback).
+            evaluators = [
+                ValidatingSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder),
+                COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False),
+            ]
+            if panoptic_quality_available():
+                evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+            return DatasetEvaluators(evaluators)
         raise NotImplementedError(
             f"No evaluator for data set {dataset_name!r} with evaluator_type {evaluator_type!r}; "
-            "expected 'sem_seg' or 'cityscapes_sem_seg'."
+            "expected 'sem_seg', 'cityscapes_sem_seg' or 'coco_panoptic_seg'."
         )
 
     @classmethod
@@ -245,7 +268,45 @@ def setup(args):
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="region_contrast")
     if cfg.MODEL.DEVICE == "cpu":
         logger.info("No CUDA device available: running on the CPU.")
+    check_evaluation(cfg)
     return cfg
+
+
+def check_evaluation(cfg):
+    """
+    Before any training: raises ValueError for test-time augmentation on a data set whose
+    evaluators need more than the semantic output, and warns when panoptic quality cannot be
+    computed (panopticapi missing: the other metrics still are), or raises FileNotFoundError
+    when the panoptic ground truth it reads is not where the data set's metadata says.
+    """
+    for name in cfg.DATASETS.TEST:
+        metadata = MetadataCatalog.get(name)
+        evaluator_type = metadata.get("evaluator_type", None)
+        if cfg.TEST.AUG.ENABLED and evaluator_type not in SEMANTIC_EVALUATOR_TYPES:
+            raise ValueError(
+                f"TEST.AUG.ENABLED is True, but DATASETS.TEST has {name!r} (evaluator_type "
+                f"{evaluator_type!r}): test-time augmentation here averages semantic "
+                "segmentation only, and this data set's evaluators also need instances or "
+                "panoptic segments. Set TEST.AUG.ENABLED False for it."
+            )
+        if evaluator_type != "coco_panoptic_seg":
+            continue
+        if not panoptic_quality_available():
+            logger.warning(
+                f"{name}: panopticapi is not installed, so PQ/SQ/RQ will not be computed (the "
+                f"stuff mIoU and COCO box/mask AP will). To get them: {PANOPTICAPI_INSTALL}"
+            )
+            continue
+        # Training never reads the panoptic PNGs and JSON; only PQ does, at the very end.
+        for key, exists in (("panoptic_root", os.path.isdir), ("panoptic_json", os.path.isfile)):
+            path = metadata.get(key, None)
+            if path is not None and not exists(path):
+                raise FileNotFoundError(
+                    f"{name}: {key} {os.path.abspath(path)} does not exist, and panoptic "
+                    "quality is computed from it after training. Unzip COCO's panoptic "
+                    "annotations there (datasets/README.md, COCO panoptic), or check "
+                    "DETECTRON2_DATASETS."
+                )
 
 
 def check_launch(args):
