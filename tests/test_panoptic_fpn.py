@@ -7,20 +7,28 @@ JSON and PNGs, instances JSON), this project's prepare script for the stuff-only
 (stuff mIoU, COCO box and mask AP, and PQ where panopticapi is installed). With 2 processes too
 where this Detectron2's ``launch`` starts CPU processes.
 """
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fixtures_raw as fx
-from conftest import REPO
+from conftest import REPO, unregister
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import transforms as T
+from detectron2.data.datasets import register_coco_panoptic_separated
 from detectron2.modeling import PanopticFPN
+from detectron2.structures import BitMasks
 from region_contrast.compat import launch_runs_on_cpu
+from region_contrast.data.mapper import ValidatingDatasetMapper
 from region_contrast.engine import Trainer, load_config
-from region_contrast.engine.trainer import panoptic_quality_available
+from region_contrast.engine.trainer import check_evaluation, panoptic_quality_available
 
 RECIPES = os.path.join(REPO, "configs", "COCO-Panoptic")
 RECIPE = os.path.join(RECIPES, "panoptic_fpn_R_50_region_contrast_coco_panoptic_90k_bs16.yaml")
@@ -105,3 +113,85 @@ def test_panoptic_fpn_with_region_contrast_trains_and_evaluates(coco_panoptic, t
         assert torch.equal(value, model[name]), name
     assert {k for k in model if k not in plain.state_dict()} == {
         BANK + "features", BANK + "ptr", BANK + "count"}
+
+
+def test_mapper_gives_instances_aligned_with_the_semantic_map(coco_panoptic):
+    """Registered as Detectron2 registers COCO panoptic ("separated": instances + stuff map),
+    mapped with and without a flip: the instances are the sample's non-crowd things, on the
+    pixels the stuff map calls "thing" (0), and move with the map."""
+    coco = os.path.join(coco_panoptic, "coco")
+    builtin = MetadataCatalog.get("coco_2017_val_panoptic_separated")
+    classes = {k: builtin.get(k) for k in (
+        "thing_classes", "thing_colors", "stuff_classes", "stuff_colors",
+        "thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id")}
+    register_coco_panoptic_separated(
+        "tiny_coco_panoptic", classes, os.path.join(coco, "val2017"),
+        os.path.join(coco, "panoptic_val2017"),
+        os.path.join(coco, "annotations", "panoptic_val2017.json"),
+        os.path.join(coco, "panoptic_stuff_val2017"),
+        os.path.join(coco, "annotations", "instances_val2017.json"),
+    )
+    name = "tiny_coco_panoptic_separated"
+    try:
+        records = DatasetCatalog.get(name)
+    finally:
+        unregister([name])
+    with open(os.path.join(coco, "annotations", "panoptic_val2017.json")) as f:
+        segments = {a["image_id"]: a for a in json.load(f)["annotations"]}
+    cfg = load_config(RECIPE, TINY)
+    plain = ValidatingDatasetMapper(cfg, is_train=True, augmentations=[])
+    flipped = ValidatingDatasetMapper(cfg, is_train=True, augmentations=[T.RandomFlip(prob=1.0)])
+    checked = 0
+    for record in records:
+        a, b = plain(record), flipped(record)
+        assert torch.equal(b["sem_seg"], a["sem_seg"].flip(-1))
+        assert torch.equal(b["instances"].gt_classes, a["instances"].gt_classes)
+        h, w = a["sem_seg"].shape
+        masks = torch.zeros(0, h, w, dtype=torch.bool)
+        if len(a["instances"]):
+            masks = BitMasks.from_polygon_masks(a["instances"].gt_masks, h, w).tensor
+            flipped_masks = BitMasks.from_polygon_masks(b["instances"].gt_masks, h, w).tensor
+            assert torch.equal(flipped_masks, masks.flip(-1))
+
+        pan = segments[record["image_id"]]
+        rgb = np.asarray(Image.open(os.path.join(coco, "panoptic_val2017", pan["file_name"])),
+                         dtype=np.int64)
+        ids = torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2])
+        things = [s for s in pan["segments_info"] if s["category_id"] in
+                  classes["thing_dataset_id_to_contiguous_id"] and not s["iscrowd"]]
+        expected = sorted(classes["thing_dataset_id_to_contiguous_id"][s["category_id"]]
+                          for s in things)
+        assert sorted(a["instances"].gt_classes.tolist()) == expected
+        for s in things:
+            pixels = ids == s["id"]
+            assert (a["sem_seg"][pixels] == 0).all()  # "thing" in the stuff-only map
+            assert masks.any(dim=0)[pixels].all()     # inside the instances' masks
+            checked += 1
+    assert checked > 0
+
+
+def test_test_time_augmentation_on_panoptic_data_fails_before_training():
+    cfg = load_config(RECIPE, TINY + ["TEST.AUG.ENABLED", "True"])
+    with pytest.raises(ValueError, match="TEST.AUG.ENABLED is True, but DATASETS.TEST has "
+                                         "'coco_2017_val_panoptic_separated'"):
+        check_evaluation(cfg)
+
+
+def test_missing_panoptic_ground_truth_is_named_before_training(tmp_path):
+    """The registration under an empty $DETECTRON2_DATASETS: without panopticapi (no PQ) a
+    warning, with it an error naming the folder PQ would read after training."""
+    code = (
+        "import region_contrast\n"
+        "from region_contrast.engine import load_config\n"
+        "from region_contrast.engine.trainer import check_evaluation\n"
+        f"check_evaluation(load_config({RECIPE!r}))\n"
+        "print('checked')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "DETECTRON2_DATASETS": str(tmp_path)}, timeout=300)
+    if panoptic_quality_available():
+        assert proc.returncode != 0
+        assert (f"panoptic_root {tmp_path}/coco/panoptic_val2017 does not exist"
+                in proc.stderr), proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-2000:]
