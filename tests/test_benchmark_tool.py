@@ -5,6 +5,7 @@ Also: no module of the benchmark package is over 400 lines.
 Structure only: no timing is asserted (timings depend on the machine and its load).
 """
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -53,7 +54,7 @@ def test_all_sections_present(report):
     assert "1. train step" in stdout and "3. contrast machinery" in stdout
 
 
-RECIPES = {"DigitScenes", "DigitScenes Semantic FPN", "Cityscapes"}
+RECIPES = {"DigitScenes", "DigitScenes Semantic FPN", "COCO panoptic Panoptic FPN", "Cityscapes"}
 
 
 def test_train_step_and_inference(report):
@@ -69,6 +70,13 @@ def test_train_step_and_inference(report):
         assert mem["bank_bytes"] > 0 and mem["persistent_extra_bytes"] >= mem["bank_bytes"]
         for key in ("rc_step_peak_bytes", "baseline_step_peak_bytes"):
             assert mem[key] is None or mem[key] > 0
+    # Panoptic FPN's step: the R-CNN losses beside the semantic and contrastive ones, finite (a
+    # diverged random model would leave the detection heads without work).
+    panoptic = next(t for t in r["train_step"] if t["recipe"] == "COCO panoptic Panoptic FPN")
+    losses = panoptic["rc_losses_last_step"]
+    assert {"loss_rpn_cls", "loss_cls", "loss_mask", "loss_sem_seg", "loss_contrast"} <= set(losses)
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    assert r["targets"]["panoptic_fpn_train_ratio"]["met"] is None
     assert {i["recipe"] for i in r["inference"]} == RECIPES
     for i in r["inference"]:
         assert _stats_ok(i["rc_s"]) and _stats_ok(i["baseline_s"])

@@ -67,6 +67,25 @@ def digit_scenes_fpn_cfg():
     return cfg, os.path.relpath(path, REPO)
 
 
+def coco_panoptic_fpn_cfg():
+    """
+    The COCO panoptic Panoptic FPN region-contrast recipe, with GroupNorm in the backbone: no
+    pretrained weights offline, and a random ResNet with the recipe's frozen statistics has
+    unbounded activations (no finite proposal, so no representative R-CNN work).
+    """
+    path, cfg = find_recipe("COCO-Panoptic", lambda c: (
+        c.MODEL.META_ARCHITECTURE == "PanopticFPN" and c.SOLVER.MAX_ITER == 90000))
+    if cfg is None:
+        raise FileNotFoundError("configs/COCO-Panoptic has no 1x Panoptic FPN region contrast "
+                                "recipe")
+    # The recipe's lr 0.02 on random weights and synthetic data diverges within the timed steps
+    # (non-finite boxes leave the R-CNN heads without work); the step's cost does not depend on
+    # the learning rate.
+    cfg.merge_from_list(["MODEL.RESNETS.NORM", "GN", "SOLVER.BASE_LR", "0.0002"])
+    return cfg, (os.path.relpath(path, REPO)
+                 + " with MODEL.RESNETS.NORM GN and SOLVER.BASE_LR 0.0002 (random weights)")
+
+
 def _is_cityscapes_r101_v3plus(cfg):
     return (
         cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES == 19
@@ -208,6 +227,44 @@ def street_batch(n, crop, num_classes, g):
         label[torch.rand(h, w, generator=g) < 0.03] = 255
         image = torch.rand(3, h, w, generator=g) * 255
         batch.append({"image": image, "sem_seg": label, "height": h, "width": w})
+    return batch
+
+
+def panoptic_batch(n, crop, num_classes, g):
+    """
+    COCO-panoptic-like for Panoptic FPN: stuff bands and blocks (classes 1..num_classes-1), 2-6
+    "thing" rectangles (80 thing classes) that are class 0 in the semantic map and instances with
+    boxes and masks; 3% ignore.
+    """
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    h, w = crop
+    batch = []
+    for _ in range(n):
+        label = torch.empty(h, w, dtype=torch.long)
+        stuff = torch.randint(1, num_classes, (4,), generator=g)
+        for k in range(4):  # horizontal bands of stuff
+            label[k * h // 4: (k + 1) * h // 4] = stuff[k]
+        boxes, classes, masks = [], [], []
+        for _ in range(int(torch.randint(2, 7, (1,), generator=g))):
+            bh = int(torch.randint(h // 8, h // 2, (1,), generator=g))
+            bw = int(torch.randint(w // 8, w // 2, (1,), generator=g))
+            y0 = int(torch.randint(0, h - bh, (1,), generator=g))
+            x0 = int(torch.randint(0, w - bw, (1,), generator=g))
+            mask = torch.zeros(h, w, dtype=torch.bool)
+            mask[y0: y0 + bh, x0: x0 + bw] = True
+            label[mask] = 0
+            boxes.append([x0, y0, x0 + bw, y0 + bh])
+            classes.append(int(torch.randint(0, 80, (1,), generator=g)))
+            masks.append(mask)
+        label[torch.rand(h, w, generator=g) < 0.03] = 255
+        instances = Instances((h, w))
+        instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        instances.gt_classes = torch.tensor(classes)
+        instances.gt_masks = BitMasks(torch.stack(masks))
+        image = torch.rand(3, h, w, generator=g) * 255
+        batch.append({"image": image, "sem_seg": label, "instances": instances,
+                      "height": h, "width": w})
     return batch
 
 

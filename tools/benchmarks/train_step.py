@@ -93,6 +93,28 @@ def rc_breakdown(prof):
     }
 
 
+def same_outputs(a, b):
+    """Bitwise equality of two models' outputs for one image: the semantic logits, and for a
+    panoptic model its instances (every field) and panoptic segments."""
+    from detectron2.structures import Boxes
+
+    if a.keys() != b.keys() or not torch.equal(a["sem_seg"], b["sem_seg"]):
+        return False
+    if "instances" in a:
+        x, y = a["instances"].get_fields(), b["instances"].get_fields()
+        if x.keys() != y.keys():
+            return False
+        for k in x:
+            u, v = (x[k].tensor, y[k].tensor) if isinstance(x[k], Boxes) else (x[k], y[k])
+            if not torch.equal(u, v):
+                return False
+    if "panoptic_seg" in a:
+        (sa, ia), (sb, ib) = a["panoptic_seg"], b["panoptic_seg"]
+        if not torch.equal(sa, sb) or ia != ib:
+            return False
+    return True
+
+
 def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch, amp,
                  warmup, repeats, infer_repeats, seed, train_only=False):
     """
@@ -238,7 +260,7 @@ def bench_recipe(name, base_cfg, source, device, *, crop, batch_size, make_batch
     finally:
         torch.backends.cudnn.deterministic = deterministic
     identical = len(out_rc) == len(out_bl) and all(
-        torch.equal(a["sem_seg"], b["sem_seg"]) for a, b in zip(out_rc, out_bl)
+        same_outputs(a, b) for a, b in zip(out_rc, out_bl)
     )
     # The two forwards above were the warm-up.
     t_rc, t_bl = interleave(infer(rc), infer(baseline), 0, infer_repeats, device)
