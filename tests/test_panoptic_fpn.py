@@ -25,6 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_panoptic_separated
 from detectron2.modeling import PanopticFPN
+from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from detectron2.structures import BitMasks
 from region_contrast.compat import launch_runs_on_cpu
 from region_contrast.data.mapper import ValidatingDatasetMapper
@@ -115,6 +116,12 @@ def test_panoptic_fpn_with_region_contrast_trains_and_evaluates(coco_panoptic, t
         assert torch.equal(value, model[name]), name
     assert {k for k in model if k not in plain.state_dict()} == {
         BANK + "features", BANK + "ptr", BANK + "count"}
+
+    # The twin with the contrast disabled is that same Detectron2 model.
+    disabled = Trainer.build_model(load_config(
+        RECIPE, TINY + ["MODEL.REGION_CONTRAST.ENABLED", "False"]))
+    assert type(disabled) is PanopticFPN and type(disabled.sem_seg_head) is SemSegFPNHead
+    assert disabled.state_dict().keys() == plain.state_dict().keys()
 
 
 def test_mapper_gives_instances_aligned_with_the_semantic_map(coco_panoptic):
