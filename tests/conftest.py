@@ -122,6 +122,12 @@ def tiny_scenes(tmp_path_factory):
     unregister(names)
 
 
+def digit_scenes_root(names):
+    """The $DETECTRON2_DATASETS that holds the DigitScenes of ``names`` (its digit_scenes/)."""
+    val = DatasetCatalog.get(names[1])[0]["file_name"]
+    return val[: val.index(os.sep + "digit_scenes" + os.sep)]
+
+
 def unregister(names):
     for name in names:
         if name in DatasetCatalog.list():

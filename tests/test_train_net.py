@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import region_contrast  # noqa: F401
-from detectron2.data import DatasetCatalog
+from conftest import digit_scenes_root
 from detectron2.engine import default_argument_parser
 from detectron2.layers import ASPP
 from region_contrast import RegionContrastSegmentor, find_region_contrast
@@ -113,8 +113,7 @@ def test_train_net_py_runs_and_starts_quietly_as_a_user_types_it(tiny_scenes, tm
     """The script itself, in a new process: imports in its own order, data sets registered
     from $DETECTRON2_DATASETS, two iterations and the evaluation, no warning a user cannot act
     on."""
-    val = DatasetCatalog.get("tiny_digit_scenes_val")[0]["file_name"]
-    root = val[: val.index(os.sep + "digit_scenes" + os.sep)]
+    root = digit_scenes_root(tiny_scenes)
     recipe = os.path.join(REPO, "configs", "DigitScenes",
                           "semantic_R_18_FPN_region_contrast_noproj_digit_scenes_1500_bs8.yaml")
     command = [sys.executable, "train_net.py", "--config-file", recipe,

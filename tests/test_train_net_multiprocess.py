@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, tree_equal
+from conftest import REPO, digit_scenes_root, tree_equal
 from detectron2.data import DatasetCatalog
 from region_contrast.compat import launch_runs_on_cpu
 from region_contrast.engine.hooks import tensors_digest
@@ -43,12 +43,6 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def data_root(names):
-    """The $DETECTRON2_DATASETS that holds the tiny DigitScenes of ``names``."""
-    val = DatasetCatalog.get(names[1])[0]["file_name"]
-    return val[: val.index(os.sep + "digit_scenes" + os.sep)]
 
 
 def opts(output_dir, max_iter, *extra):
@@ -84,7 +78,7 @@ def bank_digest_of(checkpoint):
 
 @needs_cpu_launch
 def test_two_processes_train_evaluate_and_resume_exactly(tiny_scenes, tmp_path):
-    root = data_root(tiny_scenes)
+    root = digit_scenes_root(tiny_scenes)
     train = command("--num-gpus", "2", *opts(tmp_path, 4, "DATASETS.TEST", "('digit_scenes_val',)"))
     first = run(train, root)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -110,7 +104,7 @@ def test_two_processes_train_evaluate_and_resume_exactly(tiny_scenes, tmp_path):
 
 @needs_cpu_launch
 def test_two_machine_command_on_one_machine(tiny_scenes, tmp_path):
-    root, port = data_root(tiny_scenes), free_port()
+    root, port = digit_scenes_root(tiny_scenes), free_port()
     processes = [
         subprocess.Popen(
             command("--num-gpus", "1", "--num-machines", "2", "--machine-rank", str(rank),
@@ -139,7 +133,7 @@ def test_a_rank_failing_in_a_step_ends_the_run_instead_of_hanging(tiny_scenes, t
     """One training label gets a value outside the classes: the rank that reads it stops (its
     mapper names the file) while the other is inside the step's collectives; the run must end
     with that error, not wait for Detectron2's 30-minute collective timeout."""
-    source, root = data_root(tiny_scenes), tmp_path / "data"
+    source, root = digit_scenes_root(tiny_scenes), tmp_path / "data"
     shutil.copytree(source, root)
     train = DatasetCatalog.get(tiny_scenes[0])
     bad = root / os.path.relpath(train[len(train) // 2]["sem_seg_file_name"], source)
