@@ -65,6 +65,12 @@ def run(args, root, timeout=300):
                           timeout=timeout)
 
 
+def copypaste(text):
+    """[(task, metric values)] from the "copypaste" lines Detectron2 logs after an evaluation,
+    in order (a test-time augmented evaluation logs its results under the same task)."""
+    return re.findall(r"copypaste: Task: (\S+)\n.*copypaste: \S+\n.*copypaste: (\S+)", text)
+
+
 def bank_digest_logged(text):
     found = re.findall(r"memory bank is identical on all (\d+) ranks \(sha256 (\w+)\)", text)
     assert found, "no bank agreement line in the output"
@@ -100,6 +106,18 @@ def test_two_processes_train_evaluate_and_resume_exactly(tiny_scenes, tmp_path):
     tree_equal(final["model"], uninterrupted["model"], "model")
     # The trainer: iteration, scheduler, optimizer state (momentum).
     tree_equal(final["trainer"], uninterrupted["trainer"], "trainer")
+
+    # --eval-only with 2 processes (each evaluates its share, rank 0 reports) and multi-scale +
+    # flip: the plain metrics are the resumed training's final evaluation exactly.
+    evaluated = run(command("--num-gpus", "2", "--eval-only",
+                            *opts(tmp_path, 4, "DATASETS.TEST", "('digit_scenes_val',)",
+                                  "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"),
+                                  "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(96, 128)")),
+                    root)
+    assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+    (plain, augmented) = copypaste(evaluated.stdout + evaluated.stderr)
+    assert [plain] == copypaste(resumed.stdout + resumed.stderr)
+    assert augmented[0] == "sem_seg" and augmented[1] != plain[1]
 
 
 @needs_cpu_launch

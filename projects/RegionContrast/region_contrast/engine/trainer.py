@@ -5,6 +5,7 @@ import os
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 
 import detectron2.data.transforms as T
 from detectron2.config import get_cfg
@@ -136,6 +137,20 @@ class Trainer(DefaultTrainer):
         return ret
 
     @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """
+        Detectron2's evaluation, of the model the checkpoint holds: in a multi-process run every
+        rank first takes rank 0's buffers. Detectron2 trains with ``broadcast_buffers=False``,
+        so BatchNorm's running statistics drift apart per rank, and each rank would otherwise
+        evaluate its share of the images with statistics that no checkpoint has (rank 0 writes
+        the checkpoints). Training is unaffected: in training mode BatchNorm normalises with
+        the batch's own statistics.
+        """
+        if comm.get_world_size() > 1:
+            synchronize_buffers(model)
+        return super().test(cfg, model, evaluators)
+
+    @classmethod
     def test_with_TTA(cls, cfg, model):
         """
         Evaluates ``model`` with multi-scale and flip test-time augmentation (``TEST.AUG``, see
@@ -220,6 +235,12 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+
+def synchronize_buffers(model):
+    """A collective: every rank's buffers of ``model`` (DDP-wrapped or not) become rank 0's."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def get_region_contrast_cfg():
