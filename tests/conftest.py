@@ -4,6 +4,7 @@ and its batches, a training step, tiny DigitScenes, comparisons.
 """
 import contextlib
 import os
+import socket
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
+from region_contrast.compat import launch_runs_on_cpu
 from region_contrast.data import digit_scenes as ds
 from region_contrast.engine import get_region_contrast_cfg
 
@@ -69,6 +71,20 @@ def make_fpn_cfg(num_classes=NUM_CLASSES, enabled=True, **rc):
     cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = num_classes
     cfg.MODEL.REGION_CONTRAST.HEAD_NAME = "SemSegFPNHead"
     return with_contrast(cfg, enabled, proj_dim=0, **rc)
+
+
+# Whether train_net.py can start several processes here: Detectron2 main's launch() runs CPU
+# processes (gloo); v0.6's asserts CUDA.
+SEVERAL_PROCESSES = launch_runs_on_cpu() or torch.cuda.is_available()
+NO_SEVERAL_PROCESSES = ("this Detectron2's launch() starts GPU processes only (v0.6 asserts "
+                        "CUDA); official Detectron2 main runs CPU processes with gloo")
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def build(cfg, seed=0):

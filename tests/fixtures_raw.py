@@ -369,6 +369,12 @@ def make_coco_panoptic(root, sizes, png_dirs=None):
     return {"sources": sources, "expected": expected}
 
 
+def read_panoptic_ids(path):
+    """The segment id of every pixel of a panoptic PNG (R + 256 G + 256^2 B), int64."""
+    rgb = np.asarray(Image.open(path), dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
 def make_coco_instances(root):
     """coco/annotations/instances_{split}.json (COCO's detection format, the file Detectron2's
     COCO panoptic "separated" registration reads) from the panoptic JSON and PNGs written by
@@ -386,9 +392,7 @@ def make_coco_instances(root):
         for ann in panoptic["annotations"]:
             png = [os.path.join(root, "coco", d, ann["file_name"])
                    for d in (f"panoptic_{split}", f"annotations/panoptic_{split}")]
-            rgb = np.asarray(Image.open(next(p for p in png if os.path.exists(p))),
-                             dtype=np.int64)
-            ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+            ids = read_panoptic_ids(next(p for p in png if os.path.exists(p)))
             for seg in ann["segments_info"]:
                 if seg["category_id"] not in things:
                     continue

@@ -13,13 +13,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fixtures_raw as fx
-from conftest import REPO, unregister
+from conftest import REPO, SEVERAL_PROCESSES, unregister
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import transforms as T
@@ -27,7 +25,6 @@ from detectron2.data.datasets import register_coco_panoptic_separated
 from detectron2.modeling import PanopticFPN
 from detectron2.modeling.meta_arch.semantic_seg import SemSegFPNHead
 from detectron2.structures import BitMasks
-from region_contrast.compat import launch_runs_on_cpu
 from region_contrast.data.mapper import ValidatingDatasetMapper
 from region_contrast.engine import Trainer, load_config
 from region_contrast.engine.trainer import check_evaluation, panoptic_quality_available
@@ -81,7 +78,7 @@ def train_net(root, *args):
 # Where this Detectron2's launch() starts CPU processes (official main), the run uses 2 of them:
 # the same mapper, model and evaluators as one process, plus gloo, DDP and evaluation across
 # ranks. Detectron2 v0.6's launch() asserts CUDA, so there it is one process.
-PROCESSES = 2 if launch_runs_on_cpu() or torch.cuda.is_available() else 1
+PROCESSES = 2 if SEVERAL_PROCESSES else 1
 
 
 def test_panoptic_fpn_with_region_contrast_trains_and_evaluates(coco_panoptic, tmp_path):
@@ -163,9 +160,8 @@ def test_mapper_gives_instances_aligned_with_the_semantic_map(coco_panoptic):
             assert torch.equal(flipped_masks, masks.flip(-1))
 
         pan = segments[record["image_id"]]
-        rgb = np.asarray(Image.open(os.path.join(coco, "panoptic_val2017", pan["file_name"])),
-                         dtype=np.int64)
-        ids = torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2])
+        ids = torch.from_numpy(fx.read_panoptic_ids(
+            os.path.join(coco, "panoptic_val2017", pan["file_name"])))
         things = [s for s in pan["segments_info"] if s["category_id"] in
                   classes["thing_dataset_id_to_contiguous_id"] and not s["iscrowd"]]
         expected = sorted(classes["thing_dataset_id_to_contiguous_id"][s["category_id"]]

@@ -18,7 +18,6 @@ Checked, with 2 and 3 ranks (one spawn each):
   of tests/test_memory_bank_distributed.py).
 """
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -28,7 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import build, make_batch, make_cfg, single_thread  # imports region_contrast
+# conftest imports region_contrast
+from conftest import build, free_port, make_batch, make_cfg, single_thread
 from detectron2.utils import comm
 from detectron2.utils.events import EventStorage
 from region_contrast.engine.hooks import check_banks_agree
@@ -38,12 +38,6 @@ EMPTY_RANK, EMPTY_STEP = 1, 1
 LR = 0.05
 TIMEOUT_S = 300  # generous for a loaded 2-core machine; a healthy run takes ~20 s
 SIZE = 32  # images and crop (the ASPP pooling kernel is 1x1 at stride 32)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dist_cfg():

@@ -13,7 +13,6 @@ error instead of leaving the other rank waiting in a collective.
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,26 +22,21 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, digit_scenes_root, tree_equal
+from conftest import (
+    NO_SEVERAL_PROCESSES,
+    REPO,
+    SEVERAL_PROCESSES,
+    digit_scenes_root,
+    free_port,
+    tree_equal,
+)
 from detectron2.data import DatasetCatalog
-from region_contrast.compat import launch_runs_on_cpu
 from region_contrast.engine.hooks import tensors_digest
 
 RECIPE = os.path.join(REPO, "configs", "DigitScenes",
                       "semantic_R_18_FPN_region_contrast_noproj_digit_scenes_1500_bs8.yaml")
 BANK = "sem_seg_head.region_contrast.memory_bank."
-CPU_PROCESSES = launch_runs_on_cpu() or torch.cuda.is_available()
-needs_cpu_launch = pytest.mark.skipif(
-    not CPU_PROCESSES,
-    reason="this Detectron2's launch() starts GPU processes only (v0.6 asserts CUDA); official "
-           "Detectron2 main runs CPU processes with gloo",
-)
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+needs_cpu_launch = pytest.mark.skipif(not SEVERAL_PROCESSES, reason=NO_SEVERAL_PROCESSES)
 
 
 def opts(output_dir, max_iter, *extra):
@@ -170,8 +164,8 @@ def test_a_rank_failing_in_a_step_ends_the_run_instead_of_hanging(tiny_scenes, t
     assert elapsed < 180, f"the run took {elapsed:.0f} s to end after one rank failed"
 
 
-@pytest.mark.skipif(CPU_PROCESSES, reason="this Detectron2 starts CPU processes; the tests "
-                                          "above run them")
+@pytest.mark.skipif(SEVERAL_PROCESSES,
+                    reason="this Detectron2 starts CPU processes; the tests above run them")
 def test_several_cpu_processes_on_v06_say_what_to_do(tmp_path):
     proc = subprocess.run(command("--num-gpus", "2", "OUTPUT_DIR", str(tmp_path)), cwd=REPO,
                           capture_output=True, text=True, timeout=300)

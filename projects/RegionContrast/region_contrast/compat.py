@@ -174,8 +174,8 @@ def launch_runs_on_cpu():
     Whether the installed Detectron2's ``launch`` starts processes without GPUs (gloo), as
     Detectron2 main's does; v0.6's asserts that CUDA is available.
     """
-    module = sys.modules.get("detectron2.engine.launch") or importlib.import_module(
-        "detectron2.engine.launch")
+    # By its module path: the package attribute of that name is the function.
+    module = importlib.import_module("detectron2.engine.launch")
     try:
         return "gloo" in inspect.getsource(module).lower()
     except (OSError, TypeError):  # no source installed: assume a current Detectron2

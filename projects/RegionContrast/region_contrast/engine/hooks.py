@@ -2,14 +2,13 @@
 Hooks on the memory bank: ``MemorySummaryHook`` (TensorBoard pictures while training runs) and
 ``BankAgreementCheck`` (in multi-process training, every rank ends with the same bank).
 
-``MemorySummaryHook``: TensorBoard pictures of the memory bank while training runs.
-
-At every evaluation (the ``EvalHook``'s period) and at the last iteration, the bank's class-mean
-cosine matrix and a 2-D PCA of its entries (the figures of ``tools/visualize_memory.py``) go into
-the ``EventStorage`` as images, which Detectron2's ``TensorboardXWriter`` writes to
-``OUTPUT_DIR``. The hook only reads the bank: no gradient, no mode switch, no draw from the global
-random generators (deterministic PCA and subsampling, and the generators are restored anyway),
-so a run with it is numerically the run without it, ``--resume`` included.
+``MemorySummaryHook``: at every evaluation (the ``EvalHook``'s period) and at the last
+iteration, the bank's class-mean cosine matrix and a 2-D PCA of its entries (the figures of
+``tools/visualize_memory.py``) go into the ``EventStorage`` as images, which Detectron2's
+``TensorboardXWriter`` writes to ``OUTPUT_DIR``. The hook only reads the bank: no gradient, no
+mode switch, no draw from the global random generators (deterministic PCA and subsampling, and
+the generators are restored anyway), so a run with it is numerically the run without it,
+``--resume`` included.
 """
 import hashlib
 import logging
